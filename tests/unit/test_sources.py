@@ -1,0 +1,194 @@
+"""Readers: valid splits read into records; every bad record stops with a message that names
+it and the fix, or is skipped and counted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vljepa.data.formats import DataError, SkipReport
+from vljepa.data.sources import load_image, read_split
+
+
+def _image(path: Path, mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (8, 8), 128).save(path)
+
+
+def _split(root: Path, lines: list, file: str = "metadata.jsonl", images=("images/a.png", "images/b.png")) -> Path:
+    """A split folder with the given images and record lines (dicts are JSON-encoded)."""
+    for name in images:
+        _image(root / name)
+    text = "".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in lines)
+    (root / file).write_text(text)
+    return root
+
+
+def test_reads_caption_records(tmp_path):
+    root = _split(
+        tmp_path,
+        [
+            {"file_name": "images/a.png", "captions": [" a red circle ", "one red circle"], "label": "red circle"},
+            {"file_name": "images/b.png", "caption": "a blue square"},
+            "",
+            {"file_name": "images/b.png", "text": "a blue square again"},
+        ],
+    )
+    records, report = read_split(root, "caption")
+    assert report.total == 0
+    assert [r.captions for r in records] == [("a red circle", "one red circle"), ("a blue square",), ("a blue square again",)]
+    assert records[0].label == "red circle" and records[1].label is None
+    assert records[0].image == str(tmp_path.resolve() / "images/a.png")
+    assert [r.index for r in records] == [0, 1, 3]
+
+
+def test_reads_vqa_from_metadata_and_questions(tmp_path):
+    _split(tmp_path, [{"file_name": "images/a.png", "captions": ["a red circle"]}])
+    _split(
+        tmp_path,
+        [
+            {"file_name": "images/a.png", "question": "what color is it?", "answer": "red", "type": "color"},
+            {"file_name": "images/b.png", "question": "how many?", "answer": "two", "answers": ["2"]},
+        ],
+        file="questions.jsonl",
+    )
+    records, report = read_split(tmp_path, "vqa")
+    assert report.total == 0 and len(records) == 2
+    assert records[0].answers == ("red",) and records[0].type == "color"
+    assert records[1].answers == ("two", "2") and records[1].type == ""
+    captions, _ = read_split(tmp_path, "caption")
+    assert len(captions) == 1  # questions.jsonl is not read for captions
+
+
+def test_missing_folder_and_missing_metadata(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*metadata.jsonl"):
+        read_split(tmp_path / "nope", "caption")
+    with pytest.raises(DataError, match="no metadata.jsonl in"):
+        read_split(tmp_path, "caption")
+    with pytest.raises(DataError, match="no metadata.jsonl or questions.jsonl"):
+        read_split(tmp_path, "vqa", on_error="skip")
+
+
+def test_wrong_task_says_what_was_found(tmp_path):
+    _split(tmp_path, [{"file_name": "images/a.png", "question": "q?", "answer": "a"}])
+    with pytest.raises(DataError, match="no usable caption records.*found 1 question records \\(use task=vqa\\)"):
+        read_split(tmp_path, "caption")
+    other = _split(tmp_path / "c", [{"file_name": "images/a.png", "captions": ["x"]}])
+    with pytest.raises(DataError, match="no usable question records.*found 1 caption records"):
+        read_split(other, "vqa")
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('{"file_name": "images/a.png", "captions": ["x"]', "invalid JSON"),
+        ({"captions": ["x"]}, "missing file_name"),
+        ({"file_name": "images/gone.png", "captions": ["x"]}, "image not found"),
+        ({"file_name": "images/a.png", "captions": [""]}, "empty caption"),
+        ({"file_name": "images/a.png"}, "record has neither captions nor a question"),
+        ('["images/a.png", "x"]', "record is not a JSON object"),
+    ],
+)
+def test_bad_caption_record_stops_or_is_counted(tmp_path, line, reason):
+    good = {"file_name": "images/b.png", "captions": ["a good one"]}
+    root = _split(tmp_path, [good, line, good])
+    with pytest.raises(DataError) as err:
+        read_split(root, "caption")
+    message = str(err.value)
+    assert f"metadata.jsonl:2: {reason}" in message
+    assert "set data.on_error=skip to skip bad records" in message
+    records, report = read_split(root, "caption", on_error="skip")
+    assert len(records) == 2
+    assert report.counts[reason] == 1
+    assert str(root.resolve() / "metadata.jsonl") + ":2" in report.examples[reason]
+
+
+def test_missing_image_message_names_the_file(tmp_path):
+    root = _split(tmp_path, [{"file_name": "images/gone.png", "captions": ["x"]}, {"file_name": "images/a.png", "captions": ["y"]}])
+    with pytest.raises(DataError, match=r"'images/gone.png' is not in"):
+        read_split(root, "caption")
+
+
+def test_empty_captions_are_dropped_and_counted(tmp_path):
+    root = _split(
+        tmp_path,
+        [
+            {"file_name": "images/a.png", "captions": ["", "a red circle", "  "]},
+            {"file_name": "images/b.png", "captions": [""]},
+        ],
+    )
+    records, report = read_split(root, "caption", on_error="skip")
+    assert [r.captions for r in records] == [("a red circle",)]
+    assert report.counts == {"empty caption": 3, "no non-empty caption": 1}
+    assert report.total == 4
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        ({"file_name": "images/a.png", "question": " ", "answer": "red"}, "empty question"),
+        ({"file_name": "images/a.png", "question": "what color?", "answer": ""}, "empty answer"),
+        ({"file_name": "images/a.png", "question": "what color?"}, "empty answer"),
+    ],
+)
+def test_bad_vqa_record(tmp_path, record, reason):
+    good = {"file_name": "images/b.png", "question": "what?", "answer": "that"}
+    root = _split(tmp_path, [good, record], file="questions.jsonl")
+    with pytest.raises(DataError, match=f"questions.jsonl:2: {reason}.*data.on_error=skip"):
+        read_split(root, "vqa")
+    records, report = read_split(root, "vqa", on_error="skip")
+    assert len(records) == 1 and report.counts == {reason: 1}
+
+
+def test_all_records_skipped_is_an_error(tmp_path):
+    root = _split(tmp_path, [{"file_name": "images/gone.png", "captions": ["x"]}])
+    with pytest.raises(DataError, match="(?s)no usable caption records.*found 0 question records; skipped 1:.*image not found x1"):
+        read_split(root, "caption", on_error="skip")
+
+
+def test_invalid_on_error(tmp_path):
+    with pytest.raises(ValueError, match="on_error"):
+        read_split(tmp_path, "caption", on_error="ignore")
+    with pytest.raises(ValueError, match="on_error"):
+        load_image(str(tmp_path / "x.png"), on_error="ignore")
+
+
+def test_load_image_converts_to_rgb(tmp_path):
+    path = tmp_path / "gray.png"
+    _image(path, mode="L")
+    img = load_image(str(path))
+    assert img.mode == "RGB" and img.size == (8, 8)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_load_image_bad_file(tmp_path, damage):
+    path = tmp_path / "bad.png"
+    if damage != "missing":
+        Image.effect_noise((64, 64), 50).convert("RGB").save(path)  # noise: not compressible
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not an image" * 10)
+    with pytest.raises(DataError) as err:
+        load_image(str(path))
+    message = str(err.value)
+    assert message.startswith(f"cannot read image '{path}' (")
+    assert message.endswith("); set data.on_error=skip to skip bad records")
+    assert load_image(str(path), on_error="skip") is None
+
+
+def test_skip_report():
+    report = SkipReport()
+    assert report.total == 0 and report.summary() == "skipped 0"
+    for i in range(7):
+        report.add("image not found", f"m.jsonl:{i + 1}")
+    report.add("invalid JSON", "m.jsonl:9")
+    assert report.total == 8
+    summary = report.summary()
+    assert summary.splitlines()[0] == "skipped 8:"
+    assert "image not found x7 (m.jsonl:1, m.jsonl:2, m.jsonl:3, m.jsonl:4, m.jsonl:5, ...)" in summary
+    assert "invalid JSON x1 (m.jsonl:9)" in summary
+    d = report.to_dict()
+    assert d["total"] == 8 and d["counts"] == {"image not found": 7, "invalid JSON": 1}
+    assert json.loads(json.dumps(d)) == d

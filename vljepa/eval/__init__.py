@@ -1,0 +1,1 @@
+"""Evaluation metrics over embeddings and strings: retrieval, zero-shot classification, VQA."""

@@ -1,0 +1,131 @@
+"""Evaluate a model on a split: retrieval, zero-shot classification and VQA, as one JSON report.
+
+Keys of the report (all fractions in [0, 1]):
+
+- ``retrieval``: ``i2t_R@1/5/10``, ``t2i_R@1/5/10``, median / mean ranks, ``n_images``, ``n_texts``.
+  Images are encoded query-free; a retrieved caption counts when its text equals a ground-truth
+  caption of the image.
+- ``classify``: ``top1``, ``top5``, ``n``, ``per_class_top1`` over images with a ``label``; class
+  embeddings average the prompt templates (``eval.templates``).
+- ``vqa``: ``accuracy``, ``n``, ``per_type`` {type: {accuracy, n}}; the answer is the nearest
+  candidate in a bank of the split's answers (or ``eval.candidates``) encoded by Y + head.
+- ``skipped``: records and images skipped under ``data.on_error=skip``, by reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vljepa.config import EvalConfig
+from vljepa.data.formats import DataError, SkipReport
+from vljepa.data.sources import read_split
+from vljepa.decode.nearest import CandidateBank
+from vljepa.embed import embed_texts, encode_images, predict_batched
+from vljepa.eval.classify import class_embeddings, classification_metrics
+from vljepa.eval.retrieval import build_text_index, retrieval_metrics
+from vljepa.eval.vqa import vqa_metrics
+from vljepa.models.vljepa import VLJepa
+
+TASKS = ("retrieval", "classify", "vqa")
+
+
+def evaluate(model: VLJepa, split: str | Path, cfg: EvalConfig, *, on_error: str = "stop") -> dict:
+    """Run ``cfg.tasks`` on the split folder ``split``; returns the report described above."""
+    unknown = set(cfg.tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown eval.tasks {sorted(unknown)}; choose from {list(TASKS)}")
+    model.eval()
+    report = SkipReport()
+    results: dict = {"split": str(split)}
+    captions = None
+    if "retrieval" in cfg.tasks or "classify" in cfg.tasks:
+        captions, skipped = read_split(split, "caption", on_error=on_error)
+        report.merge(skipped)
+        if cfg.max_images:
+            captions = captions[: cfg.max_images]
+        tokens, ok = encode_images(model, [r.image for r in captions], batch_size=cfg.batch_size, on_error=on_error,
+                                   report=report)
+        captions = [r for r, good in zip(captions, ok.tolist()) if good]
+        tokens = tokens[ok]
+        preds = predict_batched(model, tokens, list(range(len(captions))), [""] * len(captions),
+                                batch_size=cfg.batch_size)
+        if "retrieval" in cfg.tasks:
+            texts, image_to_texts = build_text_index([r.captions for r in captions])
+            text_emb = embed_texts(model, texts, batch_size=cfg.batch_size)
+            results["retrieval"] = retrieval_metrics(preds, text_emb, image_to_texts)
+        if "classify" in cfg.tasks:
+            labelled = [i for i, r in enumerate(captions) if r.label]
+            if not labelled:
+                raise DataError(f"eval.tasks has classify but no record of '{split}' has a label")
+            classnames = sorted({captions[i].label for i in labelled})
+            class_emb = class_embeddings(classnames, cfg.templates, lambda t: embed_texts(model, t))
+            labels = [classnames.index(captions[i].label) for i in labelled]
+            results["classify"] = classification_metrics(preds[labelled], class_emb, labels, classnames=classnames)
+    if "vqa" in cfg.tasks:
+        results["vqa"] = evaluate_vqa(model, split, cfg, on_error=on_error, report=report)
+    results["skipped"] = report.to_dict()
+    return results
+
+
+def answer_bank(model: VLJepa, answers: list[str], cfg: EvalConfig) -> CandidateBank:
+    """Candidate answers (``eval.candidates`` file, else the given answers) encoded by Y + head."""
+    if cfg.candidates:
+        path = Path(cfg.candidates)
+        if not path.is_file():
+            raise DataError(f"eval.candidates='{path}' is not a file; give a text file with one answer a line")
+        answers = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return CandidateBank.build(answers, lambda t: embed_texts(model, t), batch_size=cfg.batch_size)
+
+
+def evaluate_vqa(model: VLJepa, split: str | Path, cfg: EvalConfig, *, on_error: str = "stop",
+                 report: SkipReport | None = None) -> dict:
+    """VQA accuracy: nearest candidate answer to each predicted embedding."""
+    report = report if report is not None else SkipReport()
+    records, skipped = read_split(split, "vqa", on_error=on_error)
+    report.merge(skipped)
+    images = list(dict.fromkeys(r.image for r in records))
+    if cfg.max_images:
+        images = images[: cfg.max_images]
+        keep = set(images)
+        records = [r for r in records if r.image in keep]
+    tokens, ok = encode_images(model, images, batch_size=cfg.batch_size, on_error=on_error, report=report)
+    good = {p: i for i, p in enumerate(images) if ok[i]}
+    records = [r for r in records if r.image in good]
+    bank = answer_bank(model, sorted({a for r in records for a in r.answers}), cfg)
+    preds = predict_batched(model, tokens, [good[r.image] for r in records], [r.question for r in records],
+                            batch_size=cfg.batch_size)
+    answers = [texts[0] for texts in bank.decode(preds, k=1)]
+    return vqa_metrics(answers, [r.answers for r in records], [r.type for r in records])
+
+
+@torch.no_grad()
+def answer(model: VLJepa, image: str, question: str, candidates: list[str], *, k: int = 3) -> list[tuple[str, float]]:
+    """Answer one question about one image: the top-k candidates with cosine scores."""
+    tokens, _ = encode_images(model, [image])
+    pred = predict_batched(model, tokens, [0], [question])
+    bank = CandidateBank.build(candidates, lambda t: embed_texts(model, t))
+    scores, idx = bank.search(pred, k=k)
+    return [(bank.texts[i], float(s)) for s, i in zip(scores[0].tolist(), idx[0].tolist())]
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table of the headline numbers of one or more reports ``{name: report}``."""
+    rows = []
+    for name, r in results.items():
+        if "retrieval" in r:
+            m = r["retrieval"]
+            rows.append((name, "retrieval i2t R@1 / R@5 / R@10", f"{m['i2t_R@1']:.3f} / {m['i2t_R@5']:.3f} / {m['i2t_R@10']:.3f}"))
+            rows.append((name, "retrieval t2i R@1 / R@5 / R@10", f"{m['t2i_R@1']:.3f} / {m['t2i_R@5']:.3f} / {m['t2i_R@10']:.3f}"))
+        if "classify" in r:
+            rows.append((name, "zero-shot top-1 / top-5", f"{r['classify']['top1']:.3f} / {r['classify']['top5']:.3f}"))
+        if "vqa" in r:
+            rows.append((name, "VQA accuracy", f"{r['vqa']['accuracy']:.3f}  (n={r['vqa']['n']})"))
+            for t, v in sorted(r["vqa"]["per_type"].items()):
+                rows.append((name, f"  VQA {t}", f"{v['accuracy']:.3f}  (n={v['n']})"))
+    w0 = max((len(a) for a, _, _ in rows), default=5)
+    w1 = max((len(b) for _, b, _ in rows), default=6)
+    lines = [f"{'split':<{w0}}  {'metric':<{w1}}  value", f"{'-' * w0}  {'-' * w1}  -----"]
+    lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+    return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""Losses between predicted embeddings and target embeddings.
+
+InfoNCE is bidirectional and may span processes: ``gather_with_grad`` collects every rank's
+embeddings so the contrastive batch is global, and gradients flow back to the rank that made them.
+Samples whose targets are the same text ("yes", "red") share a ``group`` id: they are one positive,
+never each other's negatives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every process along dim 0, keeping the autograd graph."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (e.g. integer group ids) from every process along dim 0."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def info_nce(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    logit_scale: torch.Tensor,
+    groups: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Bidirectional InfoNCE between L2-normalised ``pred`` and ``target`` ``[B, D]``.
+
+    ``groups`` ``[B]`` (int64) marks samples whose targets are identical; each distinct target is
+    one column, so repeated answers are not treated as negatives of each other.
+    """
+    b = pred.shape[0]
+    if groups is None:
+        groups = torch.arange(b, device=pred.device)
+    uniq, inv = torch.unique(groups, return_inverse=True)
+    u = uniq.shape[0]
+    first = torch.full((u,), b, dtype=torch.long, device=pred.device)
+    first = first.scatter_reduce(0, inv, torch.arange(b, device=pred.device), reduce="amin")
+    logits = logit_scale * pred @ target[first].T  # [B, U]
+    pred_to_target = F.cross_entropy(logits, inv)
+    # Target -> prediction: every prediction of the same target is a positive.
+    positives = inv[None, :] == torch.arange(u, device=pred.device)[:, None]  # [U, B]
+    lt = logits.T
+    target_to_pred = (lt.logsumexp(1) - lt.masked_fill(~positives, float("-inf")).logsumexp(1)).mean()
+    loss = 0.5 * (pred_to_target + target_to_pred)
+    with torch.no_grad():
+        acc = (logits.argmax(1) == inv).float().mean()
+    return {"loss": loss, "p2t": pred_to_target.detach(), "t2p": target_to_pred.detach(), "batch_acc": acc}
+
+
+def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+    """Cosine, L2 or smooth-L1 distance between normalised embeddings (no negatives)."""
+    if kind == "cosine":
+        loss = (1 - (pred * target).sum(-1)).mean()
+    elif kind == "l2":
+        loss = (pred - target).pow(2).sum(-1).mean()
+    elif kind == "smooth_l1":
+        loss = F.smooth_l1_loss(pred, target, reduction="none").sum(-1).mean()
+    else:
+        raise ValueError(f"unknown loss kind '{kind}'; use infonce, cosine, l2 or smooth_l1")
+    return {"loss": loss}

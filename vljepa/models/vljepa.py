@@ -1,0 +1,322 @@
+"""VLJepa: X-encoder + predictor + frozen Y-encoder + target head, and its save / load.
+
+    image ──► X ──► visual tokens ─┐
+    query ──► query tokens ────────┴─► predictor ──► ŝ  [B, D]
+    answer ─► Y (frozen) ──► target head ──────────► s  [B, D]      loss = InfoNCE(ŝ, s)
+
+Both ``ŝ`` and ``s`` are L2-normalised. Inference needs only X and the predictor; Y and the
+head turn candidate texts into the same space for nearest-neighbour decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vljepa.config import ConfigError, ModelConfig, from_dict, to_dict
+from vljepa.losses import gather_no_grad, gather_with_grad, info_nce, regression_loss
+from vljepa.models.predictor import Block, build_predictor, masked_mean
+from vljepa.models.text import build_text_encoder
+from vljepa.models.vision import build_vision_encoder
+
+FORMAT = "vljepa"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class VLJepaOutput:
+    """What ``VLJepa.forward`` returns."""
+
+    pred: torch.Tensor  # [B, D] predicted answer embeddings, L2-normalised
+    target: torch.Tensor | None = None  # [B, D] target embeddings, L2-normalised
+    loss: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class TargetHead(nn.Module):
+    """Projects the Y-encoder's output into the shared space.
+
+    ``linear`` and ``mlp`` read the pooled sentence embedding; ``token`` reads the token states.
+    """
+
+    def __init__(self, *, kind: str, text_dim: int, embed_dim: int, hidden: int, depth: int) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "linear":
+            self.net = nn.Linear(text_dim, embed_dim)
+        elif kind == "mlp":
+            self.net = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
+        elif kind == "token":
+            self.inp = nn.Linear(text_dim, hidden)
+            self.blocks = nn.ModuleList(Block(dim=hidden, heads=max(1, hidden // 64), mlp_ratio=2.0, dropout=0.0)
+                                        for _ in range(depth))
+            self.norm = nn.LayerNorm(hidden)
+            self.out = nn.Linear(hidden, embed_dim)
+        else:
+            raise ConfigError(f"unknown model.target_head '{kind}'; use linear, mlp or token")
+
+    @property
+    def needs_states(self) -> bool:
+        return self.kind == "token"
+
+    def forward(self, pooled: torch.Tensor | None, states: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind != "token":
+            return self.net(pooled)
+        x = self.inp(states)
+        key_mask = None if mask is None else mask.bool()
+        for block in self.blocks:
+            x = block(x, key_mask)
+        return self.out(masked_mean(self.norm(x), key_mask))
+
+
+class VLJepa(nn.Module):
+    """A vision-language JEPA. Build from a :class:`ModelConfig`, or load with ``from_pretrained``."""
+
+    def __init__(self, config: ModelConfig, *, load_weights: bool = True, text_source: str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = build_vision_encoder(config.vision, load_weights=load_weights)
+        self.text = build_text_encoder(config.text, load_weights=load_weights, source=text_source)
+        self.target_head = TargetHead(
+            kind=config.target_head, text_dim=self.text.hidden_size, embed_dim=config.embed_dim,
+            hidden=config.target_head_dim, depth=config.target_head_depth,
+        )
+        self.predictor = build_predictor(
+            config.predictor, visual_dim=self.vision.out_dim, target_dim=config.embed_dim,
+            vocab_size=len(self.text.tokenizer),
+        )
+        init = math.log(1.0 / config.loss.temperature)
+        self.logit_scale = nn.Parameter(torch.tensor(init), requires_grad=config.loss.learn_temperature)
+
+    # ------------------------------------------------------------------ modes and summaries
+
+    def train(self, mode: bool = True) -> VLJepa:
+        """Frozen towers stay in eval mode whatever the rest does."""
+        super().train(mode)
+        if self.config.vision.freeze:
+            self.vision.eval()
+        if self.config.text.freeze:
+            self.text.eval()
+        return self
+
+    def parameter_summary(self) -> dict[str, dict[str, int]]:
+        """Trainable and frozen parameter counts per part."""
+        parts = {"vision": self.vision, "predictor": self.predictor, "text": self.text,
+                 "target_head": self.target_head}
+        out = {}
+        for name, module in parts.items():
+            params = list(module.parameters())
+            out[name] = {"trainable": sum(p.numel() for p in params if p.requires_grad),
+                         "frozen": sum(p.numel() for p in params if not p.requires_grad)}
+        return out
+
+    # ------------------------------------------------------------------ encoders
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Visual tokens ``[B, N, Dv]`` from pixels ``[B, 3, H, W]``."""
+        if self.config.vision.freeze:
+            with torch.no_grad():
+                return self.vision(pixel_values)
+        return self.vision(pixel_values)
+
+    def tokenize(self, texts: list[str], *, max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Tokenise with the Y-encoder's tokenizer (queries share it)."""
+        out = self.text.tokenizer(list(texts), padding=True, truncation=True,
+                                  max_length=max_length or self.config.text.max_length, return_tensors="pt")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    def tokenize_queries(self, queries: list[str]) -> dict[str, torch.Tensor] | None:
+        """Query ids / mask ``[B, L]``, or None when every query is empty (query-free)."""
+        if all(not q for q in queries):
+            return None
+        tok = self.tokenize(queries, max_length=self.config.predictor.max_query_len)
+        return {"query_ids": tok["input_ids"], "query_mask": tok["attention_mask"]}
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The Y-encoder's raw outputs: ``pooled`` [B, H] and, if the head needs them, ``states``/``mask``."""
+        if self.config.text.freeze:
+            with torch.no_grad():
+                enc = self.text(input_ids, attention_mask)
+        else:
+            enc = self.text(input_ids, attention_mask)
+        out = {"pooled": enc.pooled}
+        if self.target_head.needs_states:
+            out.update(states=enc.states, mask=enc.mask)
+        return out
+
+    def embed_target(self, pooled: torch.Tensor | None = None, states: torch.Tensor | None = None,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Y-encoder outputs -> target embeddings ``[B, D]`` (L2-normalised)."""
+        dtype = self.target_head_dtype
+        z = self.target_head(None if pooled is None else pooled.to(dtype),
+                             None if states is None else states.to(dtype), mask)
+        return F.normalize(z.float(), dim=-1)
+
+    @property
+    def target_head_dtype(self) -> torch.dtype:
+        return next(self.target_head.parameters()).dtype
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> target-space embeddings ``[B, D]`` (L2-normalised)."""
+        device = self.logit_scale.device
+        tok = {k: v.to(device) for k, v in self.tokenize(texts).items()}
+        return self.embed_target(**self.text_features(tok["input_ids"], tok["attention_mask"]))
+
+    def predict(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        visual_tokens: torch.Tensor | None = None,
+        query_ids: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predicted answer embeddings ``[B, D]`` (L2-normalised) from pixels or cached tokens."""
+        if visual_tokens is None:
+            if pixel_values is None:
+                raise ValueError("predict needs pixel_values or visual_tokens")
+            visual_tokens = self.encode_image(pixel_values)
+        dtype = next(self.predictor.parameters()).dtype
+        z = self.predictor(visual_tokens.to(dtype), query_ids, query_mask)
+        return F.normalize(z.float(), dim=-1)
+
+    # ------------------------------------------------------------------ training step
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> VLJepaOutput:
+        """One training / evaluation step.
+
+        batch: ``pixel_values`` [B, 3, H, W] or ``visual_tokens`` [B, N, Dv]; optional ``query_ids`` /
+        ``query_mask`` [B, L]; the target as ``target_ids`` / ``target_mask`` [B, T] (run through Y)
+        or cached Y outputs ``target_pooled`` [B, H] (+ ``target_states`` [B, T, H] / ``target_mask``);
+        optional ``target_groups`` [B] int64 (same id = same answer text).
+        """
+        pred = self.predict(batch.get("pixel_values"), visual_tokens=batch.get("visual_tokens"),
+                            query_ids=batch.get("query_ids"), query_mask=batch.get("query_mask"))
+        if "target_ids" in batch:
+            feats = self.text_features(batch["target_ids"], batch["target_mask"])
+        else:
+            feats = {"pooled": batch.get("target_pooled"), "states": batch.get("target_states"),
+                     "mask": batch.get("target_mask")}
+        target = self.embed_target(**feats)
+        loss_cfg = self.config.loss
+        if loss_cfg.kind == "infonce":
+            scale = self.logit_scale.exp().clamp(max=loss_cfg.max_logit_scale)
+            groups = batch.get("target_groups")
+            terms = info_nce(gather_with_grad(pred), gather_with_grad(target), scale,
+                             None if groups is None else gather_no_grad(groups))
+            terms["temperature"] = (1.0 / scale).detach()
+        else:
+            terms = regression_loss(pred, target, loss_cfg.kind)
+        metrics = {k: float(v) for k, v in terms.items() if k != "loss"}
+        return VLJepaOutput(pred=pred, target=target, loss=terms["loss"], metrics=metrics)
+
+    # ------------------------------------------------------------------ save / load
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write config.json, model.safetensors and the Y-encoder's files; atomic (temp + rename)."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(self.config)}
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            self.text.save_files(tmp / "text_encoder")
+            (tmp / "README.md").write_text(model_card(self))
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            if folder.exists():
+                old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+                folder.rename(old)
+                tmp.rename(folder)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, map_location: str = "cpu") -> VLJepa:
+        """Load a model saved by ``save_pretrained`` from a folder (or ``hf-hub:owner/name``)."""
+        folder = resolve_model_folder(str(name_or_path))
+        meta = read_model_meta(folder)
+        config = from_dict(ModelConfig, meta["model"], prefix="model.")
+        model = cls(config, load_weights=False, text_source=str(folder / "text_encoder"))
+        state = load_file(str(folder / "model.safetensors"), device=map_location)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConfigError(
+                f"'{folder}/model.safetensors' does not match its config.json: "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        return model.eval()
+
+
+def resolve_model_folder(name: str) -> Path:
+    """A local model folder, or a Hub repository (``hf-hub:owner/name``) fetched into the cache."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if name.startswith("hf-hub:"):
+        from huggingface_hub import snapshot_download
+
+        repo = name.split(":", 1)[1]
+        try:
+            return Path(snapshot_download(repo))
+        except Exception as exc:  # noqa: BLE001 - any Hub failure gets the same advice
+            raise ConfigError(
+                f"cannot fetch '{repo}' from the Hugging Face Hub ({exc.__class__.__name__}); offline, "
+                "download it elsewhere and pass the local folder instead"
+            ) from exc
+    raise ConfigError(f"model '{name}' not found: give a folder written by save_pretrained or hf-hub:owner/name")
+
+
+def read_model_meta(folder: Path) -> dict:
+    """Read and check ``config.json`` of a saved model; the error says what a model folder holds."""
+    cfg_file = folder / "config.json"
+    expected = "config.json (format=vljepa), model.safetensors and text_encoder/"
+    if not cfg_file.is_file():
+        raise ConfigError(f"'{folder}' is not a vljepa model folder: no config.json (expected {expected})")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"'{cfg_file}' is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ConfigError(f"'{folder}' is not a vljepa model folder: config.json lacks format=vljepa (expected {expected})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ConfigError(f"'{folder}' was written by a newer vljepa (format {meta['format_version']}); upgrade vljepa")
+    if not (folder / "model.safetensors").is_file():
+        raise ConfigError(f"'{folder}' has config.json but no model.safetensors (expected {expected})")
+    return meta
+
+
+def model_card(model: VLJepa) -> str:
+    """A short model card: what the parts are and how to load the model."""
+    cfg = model.config
+    rows = "\n".join(f"| {name} | {c['trainable']:,} | {c['frozen']:,} |"
+                     for name, c in model.parameter_summary().items())
+    return (
+        "---\nlibrary_name: vljepa\ntags:\n- vl-jepa\n- joint-embedding\n---\n\n"
+        "# VL-JEPA model\n\n"
+        f"- X-encoder: `{cfg.vision.kind}` ({'frozen' if cfg.vision.freeze else 'trained'})\n"
+        f"- Y-encoder: `{cfg.text.path}` ({cfg.text.kind}, {'frozen' if cfg.text.freeze else 'trained'})\n"
+        f"- Predictor: {cfg.predictor.depth} layers x {cfg.predictor.dim} dims; target head `{cfg.target_head}`\n"
+        f"- Shared space: {cfg.embed_dim} dims; loss `{cfg.loss.kind}`\n\n"
+        "| part | trainable | frozen |\n| --- | --- | --- |\n" + rows + "\n\n"
+        "```python\nfrom vljepa import VLJepa\nmodel = VLJepa.from_pretrained(\"path/to/this/folder\")\n```\n"
+    )

@@ -1,0 +1,55 @@
+"""Parameter groups, learning-rate multipliers and schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vljepa.config import OptimConfig
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    # Biases, norms, embeddings, position tables and the temperature are not weight-decayed.
+    return param.ndim < 2 or any(k in name for k in ("embed", "pos", "logit_scale"))
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig, *, text_lr_mult: float) -> list[dict]:
+    """AdamW groups: (part lr multiplier) x (decay / no decay); frozen parameters are left out."""
+    mults = {"target_head.": cfg.head_lr_mult, "text.": text_lr_mult}
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        mult = next((m for prefix, m in mults.items() if name.startswith(prefix)), 1.0)
+        groups.setdefault((mult, _no_decay(name, p)), []).append(p)
+    return [
+        {"params": ps, "lr": cfg.lr * mult, "lr_mult": mult, "weight_decay": 0.0 if nd else cfg.weight_decay}
+        for (mult, nd), ps in groups.items()
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, *, text_lr_mult: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg, text_lr_mult=text_lr_mult)
+    if not groups:
+        raise ValueError("no trainable parameters: every part of the model is frozen")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_factor(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Linear warmup, then constant or cosine decay to ``min_ratio`` of the peak."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(step, total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule,
+                               min_ratio=cfg.min_lr_ratio),
+    )
