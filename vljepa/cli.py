@@ -17,7 +17,6 @@ EPILOG_OVERRIDES = (
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append", default=[], metavar="YAML",
                    help="YAML config file; repeat to layer several (later ones win)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-4")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
     p.add_argument("--small", action="store_true",
                    help="a tiny world and a few steps: checks the pipeline in about a minute, numbers are meaningless")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides applied to both stages, e.g. train.precision=no")
 
     p = sub.add_parser("world", help="generate the built-in procedural world (images + metadata.jsonl)",
                        description="Write a seeded world of 1-3 coloured shapes per image with paraphrased captions "
@@ -59,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.output_dir")
     p.add_argument("--eval-split", default="", help="evaluate on this split folder at train.eval_every and at the end")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config and the data, print parameter counts and the global batch, and exit")
 
     p = sub.add_parser("eval", help="evaluate a saved model on a split (retrieval, classify, vqa)",
                        description="Evaluate a saved model folder on a split folder and print / save a JSON report. "
@@ -68,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="retrieval,classify,vqa", help="comma-separated: retrieval,classify,vqa")
     p.add_argument("--out", default="", help="write the JSON report here")
     p.add_argument("--on-error", choices=["stop", "skip"], default="stop", help="bad records: stop or skip and count")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="eval.* overrides, e.g. eval.max_images=500")
 
     p = sub.add_parser("predict", help="answer a question about one image",
                        description="Predict the answer embedding for an image and a question, and decode it as the "
@@ -100,9 +98,15 @@ def _cmd_world(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     from vljepa.config import load_config
     from vljepa.eval.report import evaluate
-    from vljepa.train.trainer import train
+    from vljepa.train.trainer import dry_run, train
 
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        info = dry_run(cfg)
+        print(json.dumps(info, indent=2))
+        print(f"dry run ok: {sum(info['records'].values())} records, global batch {info['global_batch']}, "
+              f"{info['skipped']['total']} skipped")
+        return
     split = args.eval_split or cfg.eval.split
     fn = (lambda model, c: evaluate(model, split, c.eval, on_error=c.data.on_error)) if split else None
     result = train(cfg, resume=args.resume, evaluate_fn=fn)
@@ -165,6 +169,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
     run_quickstart(args.out, small=args.small, overrides=args.overrides)
 
 
+TAKES_OVERRIDES = {"quickstart", "train", "eval", "summary"}
 COMMANDS = {"quickstart": _cmd_quickstart, "world": _cmd_world, "train": _cmd_train, "eval": _cmd_eval,
             "predict": _cmd_predict, "summary": _cmd_summary}
 
@@ -174,10 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     from vljepa.data.formats import DataError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may stand anywhere among the options, so they are collected from what
+    # argparse does not recognise; anything else unrecognised is still an error.
+    args, extra = parser.parse_known_args(argv)
     if not args.command:
         parser.print_help()
         return 2
+    bad = [a for a in extra if "=" not in a or a.startswith("-")]
+    if bad or (extra and args.command not in TAKES_OVERRIDES):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    args.overrides = extra
     try:
         COMMANDS[args.command](args)
     except (ConfigError, DataError) as exc:

@@ -135,6 +135,11 @@ class TrainConfig:
     keep_last: int = 2
     init_from: str = ""  # a saved model folder to start from (stage 2 starts from stage 1)
     progress: bool = True
+    on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop, or skip that step and count it
+    # Gradient caching: embed the whole contrastive batch in chunks of this many samples without a
+    # graph, take the loss over all of it, then back-propagate chunk by chunk (0 = off).
+    grad_cache_chunk: int = 0
+    log_with: list[str] = field(default_factory=list)  # extra trackers: tensorboard, wandb
 
 
 @dataclass
@@ -144,7 +149,9 @@ class EvalConfig:
     batch_size: int = 256
     max_images: int = 0  # 0 = all images of the split
     templates: list[str] = field(default_factory=lambda: ["a {}.", "a photo of a {}.", "there is a {}."])
+    classnames: list[str] = field(default_factory=list)  # zero-shot classes ([] = the labels in the split)
     candidates: str = ""  # optional file with one candidate answer a line (VQA bank)
+    precision: Literal["no", "bf16", "fp16"] = "no"  # autocast for encoding during evaluation
 
 
 @dataclass
@@ -176,6 +183,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return from_dict(tp, value, prefix=key + ".")
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if value is False and "no" in allowed:
+            value = "no"  # YAML 1.1 reads an unquoted `no` as false
         if value not in allowed:
             raise ConfigError(f"'{key}' must be one of {list(allowed)}, got {value!r}")
         return value
@@ -294,8 +303,8 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
     return out
 
 
-def _check_override_path(cls: type, path: list[str]) -> None:
-    """Name an unknown key with its full dotted path before any value is built."""
+def _check_override_path(cls: type, path: list[str]) -> Any:
+    """Name an unknown key with its full dotted path before any value is built; returns its type."""
     node: Any = cls
     for i, part in enumerate(path):
         prefix = ".".join(path[:i]) + ("." if i else "")
@@ -305,6 +314,7 @@ def _check_override_path(cls: type, path: list[str]) -> None:
         if part not in hints:
             raise _unknown_key(node, part, prefix)
         node = hints[part]
+    return node
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -339,7 +349,8 @@ def load_config(
         data = _merge(data, read_yaml(p))
     for text in overrides or []:
         path, value = parse_override(text)
-        _check_override_path(cls, path)
+        if _check_override_path(cls, path) is str:
+            value = text.split("=", 1)[1]  # a string field takes the text as written ("no", "1e5")
         data = _merge(data, _nest(path, value))
     return from_dict(cls, data)
 

@@ -150,17 +150,18 @@ def cached_text_features(
 
 
 @torch.no_grad()
-def embed_texts(model: VLJepa, texts: Sequence[str], *, batch_size: int = 256) -> torch.Tensor:
+def embed_texts(model: VLJepa, texts: Sequence[str], *, batch_size: int = 256, precision: str = "no") -> torch.Tensor:
     """Target-space embeddings ``[N, D]`` for texts (Y + target head), L2-normalised."""
     device = model.logit_scale.device
-    chunks = [model.encode_text(list(texts[s : s + batch_size])).cpu() for s in range(0, len(texts), batch_size)]
+    with autocast(precision, device):
+        chunks = [model.encode_text(list(texts[s : s + batch_size])).cpu() for s in range(0, len(texts), batch_size)]
     return torch.cat(chunks) if chunks else torch.zeros(0, model.config.embed_dim, device=device)
 
 
 @torch.no_grad()
 def predict_batched(
     model: VLJepa, visual_tokens: torch.Tensor, image_index: Sequence[int], queries: Sequence[str],
-    *, batch_size: int = 256,
+    *, batch_size: int = 256, precision: str = "no",
 ) -> torch.Tensor:
     """Predicted embeddings ``[M, D]`` for (image, query) pairs over precomputed visual tokens."""
     device = model.logit_scale.device
@@ -169,5 +170,6 @@ def predict_batched(
         idx = torch.tensor(image_index[s : s + batch_size], dtype=torch.long)
         q = model.tokenize_queries(list(queries[s : s + batch_size]))
         q = {} if q is None else {k: v.to(device) for k, v in q.items()}
-        out.append(model.predict(visual_tokens=visual_tokens[idx].to(device), **q).cpu())
+        with autocast(precision, device):
+            out.append(model.predict(visual_tokens=visual_tokens[idx].to(device), **q).cpu())
     return torch.cat(out) if out else torch.zeros(0, model.config.embed_dim)

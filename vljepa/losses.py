@@ -13,13 +13,28 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every process's gradient and returns this process's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every process's loss depends on this process's rows
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every process along dim 0, keeping the autograd graph."""
+    """Concatenate ``x`` (same shape on every process) along dim 0, keeping the autograd graph."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
@@ -29,6 +44,16 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def first_occurrence(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For group ids ``[B]``: the row of each distinct id's first occurrence ``[U]`` and, for every
+    row, the index of its distinct id ``[B]`` (so ``x[rows][inverse]`` rebuilds per-row values)."""
+    b = groups.shape[0]
+    _, inverse = torch.unique(groups, return_inverse=True)
+    rows = torch.full((int(inverse.max()) + 1,), b, dtype=torch.long, device=groups.device)
+    rows = rows.scatter_reduce(0, inverse, torch.arange(b, device=groups.device), reduce="amin")
+    return rows, inverse
 
 
 def info_nce(
@@ -45,10 +70,8 @@ def info_nce(
     b = pred.shape[0]
     if groups is None:
         groups = torch.arange(b, device=pred.device)
-    uniq, inv = torch.unique(groups, return_inverse=True)
-    u = uniq.shape[0]
-    first = torch.full((u,), b, dtype=torch.long, device=pred.device)
-    first = first.scatter_reduce(0, inv, torch.arange(b, device=pred.device), reduce="amin")
+    first, inv = first_occurrence(groups)
+    u = first.shape[0]
     logits = logit_scale * pred @ target[first].T  # [B, U]
     pred_to_target = F.cross_entropy(logits, inv)
     # Target -> prediction: every prediction of the same target is a positive.

@@ -38,33 +38,51 @@ def evaluate(model: VLJepa, split: str | Path, cfg: EvalConfig, *, on_error: str
         raise ValueError(f"unknown eval.tasks {sorted(unknown)}; choose from {list(TASKS)}")
     model.eval()
     report = SkipReport()
-    results: dict = {"split": str(split)}
-    captions = None
+    captions, questions = [], []
     if "retrieval" in cfg.tasks or "classify" in cfg.tasks:
         captions, skipped = read_split(split, "caption", on_error=on_error)
         report.merge(skipped)
-        if cfg.max_images:
-            captions = captions[: cfg.max_images]
-        tokens, ok = encode_images(model, [r.image for r in captions], batch_size=cfg.batch_size, on_error=on_error,
-                                   report=report)
-        captions = [r for r, good in zip(captions, ok.tolist()) if good]
-        tokens = tokens[ok]
-        preds = predict_batched(model, tokens, list(range(len(captions))), [""] * len(captions),
-                                batch_size=cfg.batch_size)
+    if "vqa" in cfg.tasks:
+        questions, skipped = read_split(split, "vqa", on_error=on_error)
+        report.merge(skipped)
+    if cfg.max_images:
+        first = list(dict.fromkeys([r.image for r in captions] + [r.image for r in questions]))[: cfg.max_images]
+        keep = set(first)
+        captions = [r for r in captions if r.image in keep]
+        questions = [r for r in questions if r.image in keep]
+    # Every image is encoded once, whichever tasks use it.
+    images = list(dict.fromkeys([r.image for r in captions] + [r.image for r in questions]))
+    tokens, ok = encode_images(model, images, batch_size=cfg.batch_size, on_error=on_error, report=report,
+                               precision=cfg.precision)
+    row = {p: i for i, p in enumerate(images) if ok[i]}
+    results: dict = {"split": str(split)}
+    captions = [r for r in captions if r.image in row]
+    if captions:
+        preds = predict_batched(model, tokens, [row[r.image] for r in captions], [""] * len(captions),
+                                batch_size=cfg.batch_size, precision=cfg.precision)
         if "retrieval" in cfg.tasks:
             texts, image_to_texts = build_text_index([r.captions for r in captions])
-            text_emb = embed_texts(model, texts, batch_size=cfg.batch_size)
+            text_emb = embed_texts(model, texts, batch_size=cfg.batch_size, precision=cfg.precision)
             results["retrieval"] = retrieval_metrics(preds, text_emb, image_to_texts)
         if "classify" in cfg.tasks:
             labelled = [i for i, r in enumerate(captions) if r.label]
             if not labelled:
                 raise DataError(f"eval.tasks has classify but no record of '{split}' has a label")
-            classnames = sorted({captions[i].label for i in labelled})
-            class_emb = class_embeddings(classnames, cfg.templates, lambda t: embed_texts(model, t))
+            classnames = list(cfg.classnames) or sorted({captions[i].label for i in labelled})
+            missing = {captions[i].label for i in labelled} - set(classnames)
+            if missing:
+                raise DataError(f"labels {sorted(missing)[:5]} of '{split}' are not in eval.classnames")
+            class_emb = class_embeddings(classnames, cfg.templates,
+                                         lambda t: embed_texts(model, t, precision=cfg.precision))
             labels = [classnames.index(captions[i].label) for i in labelled]
             results["classify"] = classification_metrics(preds[labelled], class_emb, labels, classnames=classnames)
-    if "vqa" in cfg.tasks:
-        results["vqa"] = evaluate_vqa(model, split, cfg, on_error=on_error, report=report)
+    questions = [r for r in questions if r.image in row]
+    if questions:
+        bank = answer_bank(model, sorted({a for r in questions for a in r.answers}), cfg)
+        preds = predict_batched(model, tokens, [row[r.image] for r in questions], [r.question for r in questions],
+                                batch_size=cfg.batch_size, precision=cfg.precision)
+        answers = [texts[0] for texts in bank.decode(preds, k=1)]
+        results["vqa"] = vqa_metrics(answers, [r.answers for r in questions], [r.type for r in questions])
     results["skipped"] = report.to_dict()
     return results
 
@@ -76,28 +94,8 @@ def answer_bank(model: VLJepa, answers: list[str], cfg: EvalConfig) -> Candidate
         if not path.is_file():
             raise DataError(f"eval.candidates='{path}' is not a file; give a text file with one answer a line")
         answers = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    return CandidateBank.build(answers, lambda t: embed_texts(model, t), batch_size=cfg.batch_size)
-
-
-def evaluate_vqa(model: VLJepa, split: str | Path, cfg: EvalConfig, *, on_error: str = "stop",
-                 report: SkipReport | None = None) -> dict:
-    """VQA accuracy: nearest candidate answer to each predicted embedding."""
-    report = report if report is not None else SkipReport()
-    records, skipped = read_split(split, "vqa", on_error=on_error)
-    report.merge(skipped)
-    images = list(dict.fromkeys(r.image for r in records))
-    if cfg.max_images:
-        images = images[: cfg.max_images]
-        keep = set(images)
-        records = [r for r in records if r.image in keep]
-    tokens, ok = encode_images(model, images, batch_size=cfg.batch_size, on_error=on_error, report=report)
-    good = {p: i for i, p in enumerate(images) if ok[i]}
-    records = [r for r in records if r.image in good]
-    bank = answer_bank(model, sorted({a for r in records for a in r.answers}), cfg)
-    preds = predict_batched(model, tokens, [good[r.image] for r in records], [r.question for r in records],
-                            batch_size=cfg.batch_size)
-    answers = [texts[0] for texts in bank.decode(preds, k=1)]
-    return vqa_metrics(answers, [r.answers for r in records], [r.type for r in records])
+    return CandidateBank.build(answers, lambda t: embed_texts(model, t, precision=cfg.precision),
+                               batch_size=cfg.batch_size)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vljepa.config import ConfigError, ModelConfig, from_dict, to_dict
-from vljepa.losses import gather_no_grad, gather_with_grad, info_nce, regression_loss
+from vljepa.losses import first_occurrence, gather_no_grad, gather_with_grad, info_nce, regression_loss
 from vljepa.models.predictor import Block, build_predictor, masked_mean
 from vljepa.models.text import build_text_encoder
 from vljepa.models.vision import build_vision_encoder
@@ -192,33 +192,49 @@ class VLJepa(nn.Module):
 
     # ------------------------------------------------------------------ training step
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> VLJepaOutput:
+    def forward(self, batch: dict[str, torch.Tensor], *, with_loss: bool = True) -> VLJepaOutput:
         """One training / evaluation step.
 
         batch: ``pixel_values`` [B, 3, H, W] or ``visual_tokens`` [B, N, Dv]; optional ``query_ids`` /
         ``query_mask`` [B, L]; the target as ``target_ids`` / ``target_mask`` [B, T] (run through Y)
         or cached Y outputs ``target_pooled`` [B, H] (+ ``target_states`` [B, T, H] / ``target_mask``);
-        optional ``target_groups`` [B] int64 (same id = same answer text).
+        optional ``target_groups`` [B] int64 (same id = same answer text). ``with_loss=False`` returns
+        only the embeddings (gradient caching computes the loss over several of these).
         """
         pred = self.predict(batch.get("pixel_values"), visual_tokens=batch.get("visual_tokens"),
                             query_ids=batch.get("query_ids"), query_mask=batch.get("query_mask"))
+        groups = batch.get("target_groups")
+        rows, expand = (None, None) if groups is None else first_occurrence(groups)
+
+        def take(key: str) -> torch.Tensor | None:
+            # Repeated answers ("yes") are embedded once: the head runs on distinct targets only.
+            t = batch.get(key)
+            return t if t is None or rows is None else t[rows]
+
         if "target_ids" in batch:
-            feats = self.text_features(batch["target_ids"], batch["target_mask"])
+            feats = self.text_features(take("target_ids"), take("target_mask"))
         else:
-            feats = {"pooled": batch.get("target_pooled"), "states": batch.get("target_states"),
-                     "mask": batch.get("target_mask")}
+            feats = {"pooled": take("target_pooled"), "states": take("target_states"), "mask": take("target_mask")}
         target = self.embed_target(**feats)
-        loss_cfg = self.config.loss
-        if loss_cfg.kind == "infonce":
-            scale = self.logit_scale.exp().clamp(max=loss_cfg.max_logit_scale)
-            groups = batch.get("target_groups")
-            terms = info_nce(gather_with_grad(pred), gather_with_grad(target), scale,
-                             None if groups is None else gather_no_grad(groups))
-            terms["temperature"] = (1.0 / scale).detach()
-        else:
-            terms = regression_loss(pred, target, loss_cfg.kind)
+        if expand is not None:
+            target = target[expand]
+        if not with_loss:
+            return VLJepaOutput(pred=pred, target=target)
+        terms = self.loss_terms(pred, target, groups)
         metrics = {k: float(v) for k, v in terms.items() if k != "loss"}
         return VLJepaOutput(pred=pred, target=target, loss=terms["loss"], metrics=metrics)
+
+    def loss_terms(self, pred: torch.Tensor, target: torch.Tensor,
+                   groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The configured loss over this process's embeddings (InfoNCE gathers every process's)."""
+        loss_cfg = self.config.loss
+        if loss_cfg.kind != "infonce":
+            return regression_loss(pred, target, loss_cfg.kind)
+        scale = self.logit_scale.exp().clamp(max=loss_cfg.max_logit_scale)
+        terms = info_nce(gather_with_grad(pred), gather_with_grad(target), scale,
+                         None if groups is None else gather_no_grad(groups))
+        terms["temperature"] = (1.0 / scale).detach()
+        return terms
 
     # ------------------------------------------------------------------ save / load
 

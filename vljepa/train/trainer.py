@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class TrainingData:
     texts: list[str]
     skipped: SkipReport
     cache_hits: dict[str, bool]
+    encode_seconds: float
 
 
 def _task_records(cfg: RunConfig, report: SkipReport) -> list[tuple[str, list]]:
@@ -70,8 +72,10 @@ def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator)
     per_task = _task_records(cfg, report)
     images: dict[str, int] = {}
     texts: dict[str, int] = {}
+    chunks: list[list[str]] = []  # texts first seen in each task, cached chunk by chunk
     raw: list[tuple[int, str, tuple[int, ...]]] = []
     for task, records in per_task:
+        first_new = len(texts)
         for r in records:
             img = images.setdefault(r.image, len(images))
             if task == "caption":
@@ -79,36 +83,41 @@ def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator)
                 raw.append((img, "", targets))
             else:
                 raw.append((img, r.question, (texts.setdefault(r.answer, len(texts)),)))
+        chunks.append(list(texts)[first_new:])
     image_list, text_list = list(images), list(texts)
     cache = None
     if cfg.data.cache:
         cache = EmbeddingCache(cfg.data.cache_dir or Path(cfg.train.output_dir) / "cache")
     hits: dict[str, bool] = {}
     visual_tokens = None
-    ok = torch.ones(len(image_list), dtype=torch.bool)
+    precision = cfg.train.precision
+    t0 = time.time()
     if cfg.model.vision.freeze:
         with accelerator.main_process_first():
             visual_tokens, ok, hits["images"] = cached_image_tokens(
-                model, image_list, cache, on_error=cfg.data.on_error, report=SkipReport() if not
-                accelerator.is_main_process else report, precision="no")
+                model, image_list, cache, on_error=cfg.data.on_error, report=report, precision=precision)
     else:
         ok = _check_images(image_list, cfg.data.on_error, report)
     # Records whose image could not be read are dropped, and counted.
     keep = [i for i, (img, _, _) in enumerate(raw) if ok[img]]
-    for i in set(range(len(raw))) - set(keep):
+    for i in sorted(set(range(len(raw))) - set(keep)):
         report.add("record of an unreadable image", image_list[raw[i][0]])
     raw = [raw[i] for i in keep]
     if not raw:
         raise DataError(f"no usable training records in '{cfg.data.train}'; {report.summary()}")
 
     if cfg.model.text.freeze:
+        parts = []
         with accelerator.main_process_first():
-            feats, hits["texts"] = cached_text_features(
-                model, text_list, cache, with_states=model.target_head.needs_states, precision="no")
-        table = TextTable(pooled=feats["pooled"], states=feats.get("states"), offsets=feats.get("offsets"))
+            for i, chunk in enumerate(c for c in chunks if c):
+                feats, hits[f"texts{i}"] = cached_text_features(
+                    model, chunk, cache, with_states=model.target_head.needs_states, precision=precision)
+                parts.append(feats)
+        table = TextTable(**_concat_text_features(parts))
     else:
         tok = model.tokenize(text_list)
         table = TextTable(token_ids=[ids[m.bool()].tolist() for ids, m in zip(tok["input_ids"], tok["attention_mask"])])
+    encode_seconds = time.time() - t0
 
     queries = sorted({q for _, q, _ in raw if q})
     qtok = model.tokenize(queries, max_length=cfg.model.predictor.max_query_len) if queries else None
@@ -123,7 +132,20 @@ def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator)
         to_tensor = pixel_loader(model)
         collator = Collator(examples, table, seed=cfg.train.seed,
                             load_pixels=lambda j: to_tensor(load_image(image_list[j], "stop")))
-    return TrainingData(examples, collator, image_list, text_list, report, hits)
+    return TrainingData(examples, collator, image_list, text_list, report, hits, encode_seconds)
+
+
+def _concat_text_features(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Join per-chunk text features; flat token-state offsets are shifted to follow each other."""
+    out = {"pooled": torch.cat([p["pooled"] for p in parts])}
+    if "states" in parts[0]:
+        out["states"] = torch.cat([p["states"] for p in parts])
+        offsets, base = [parts[0]["offsets"][:1]], 0
+        for p in parts:
+            offsets.append(p["offsets"][1:] + base)
+            base += int(p["offsets"][-1])
+        out["offsets"] = torch.cat(offsets)
+    return out
 
 
 def _check_images(paths: list[str], on_error: str, report: SkipReport) -> torch.Tensor:
@@ -157,41 +179,137 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def _save_checkpoint(accelerator: Accelerator, folder: Path, step: int, epoch: int, batch_in_epoch: int,
-                     keep: int) -> None:
-    """save_state into a temporary folder, then rename: a crash mid-write leaves the last good one."""
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step_{step:08d}"
-    tmp = folder / f".tmp_step_{step:08d}"
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.is_main_process:
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in _checkpoints(folder)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
-def train(cfg: RunConfig, *, resume: bool = False, evaluate_fn=None) -> TrainResult:
-    """Train a VL-JEPA model as ``cfg`` says; returns where the model and logs are.
+def _save_checkpoint(accelerator: Accelerator, folder: Path, progress: dict, keep: int) -> Path:
+    """save_state into a temporary folder, fsync, rename; keep the last ``keep``.
 
-    ``evaluate_fn(model, cfg) -> dict`` runs periodic evaluation (``train.eval_every``) and at the end.
+    A crash or a failing write (disk full, permission) leaves the previous checkpoint untouched:
+    only a complete folder is ever renamed to ``step_N``.
     """
+    final = folder / f"step_{progress['step']:08d}"
+    tmp = folder / f".tmp_step_{progress['step']:08d}"
+    accelerator.wait_for_everyone()
+    try:
+        if accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            (tmp / "trainer.json").write_text(json.dumps(progress))
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in _checkpoints(folder)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        good = _checkpoints(folder)
+        raise CheckpointError(
+            f"writing checkpoint {final} failed ({exc.strerror or exc}); the last good checkpoint "
+            f"{good[-1] if good else '(none yet)'} is intact. Free space or fix permissions of "
+            f"'{folder}', then rerun with --resume"
+        ) from exc
+    accelerator.wait_for_everyone()
+    return final
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message names the last good one."""
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _grad_cache_backward(model, raw_model: VLJepa, batch: dict, chunk: int, accelerator: Accelerator):
+    """Gradient caching: full-batch loss with micro-batch memory, same gradients as the full batch.
+
+    1. embed every chunk without a graph; 2. loss over all embeddings (gathered over processes),
+    backward to the embeddings only; 3. re-embed each chunk with a graph and back-propagate the
+    cached embedding gradients. DDP's own reduction is switched off for the chunks; gradients are
+    averaged over processes once at the end, as DDP would.
+    """
+    n = next(iter(batch.values())).shape[0]
+    spans = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+
+    def part(s: int, e: int) -> dict:
+        out = {k: v[s:e] for k, v in batch.items()}
+        if "query_mask" in out:  # trim padding the chunk does not need
+            width = max(1, int(out["query_mask"].sum(1).max()))
+            out["query_ids"], out["query_mask"] = out["query_ids"][:, :width], out["query_mask"][:, :width]
+        return out
+
+    with torch.no_grad():
+        embs = [model(part(s, e), with_loss=False) for s, e in spans]
+    pred = torch.cat([o.pred for o in embs]).requires_grad_(True)
+    target = torch.cat([o.target for o in embs]).requires_grad_(True)
+    with accelerator.autocast():
+        terms = raw_model.loss_terms(pred, target, batch.get("target_groups"))
+    accelerator.backward(terms["loss"])  # fills pred.grad, target.grad and the temperature's grad
+    with accelerator.no_sync(model):
+        for s, e in spans:
+            out = model(part(s, e), with_loss=False)
+            surrogate = (out.pred * pred.grad[s:e]).sum() + (out.target * target.grad[s:e]).sum()
+            accelerator.backward(surrogate)
+    if accelerator.num_processes > 1:
+        for p in raw_model.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= accelerator.num_processes
+    return terms
+
+
+def dry_run(cfg: RunConfig) -> dict:
+    """Check config and data without training: records read, images found, model built."""
+    report = SkipReport()
+    counts = {task: len(records) for task, records in _task_records(cfg, report)}
+    model = VLJepa(cfg.model, load_weights=False)
+    if cfg.train.init_from:
+        read_model_meta(Path(cfg.train.init_from))
+    info = {"records": counts, "skipped": report.to_dict(), "parameters": model.parameter_summary(),
+            "global_batch": cfg.train.batch_size * cfg.train.grad_accum, "max_steps": cfg.train.max_steps}
+    return info
+
+
+@dataclass
+class PreparedRun:
+    accelerator: Accelerator
+    model: torch.nn.Module  # wrapped by Accelerate (DDP etc.)
+    raw_model: VLJepa
+    data: TrainingData
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    started: float
+
+
+def prepare_run(cfg: RunConfig) -> PreparedRun:
+    """Accelerator, model (optionally from train.init_from), data, loader, optimizer and schedule."""
     tc = cfg.train
     out = Path(tc.output_dir)
     accelerator = Accelerator(mixed_precision=tc.precision, gradient_accumulation_steps=tc.grad_accum,
-                              cpu=not torch.cuda.is_available())
+                              cpu=not torch.cuda.is_available(), log_with=tc.log_with or None,
+                              project_dir=str(out))
+    # The same seed on every process: identical initial weights and one shared data order, which
+    # Accelerate then shards, so N processes see exactly the global batch one process would.
     set_seed(tc.seed, device_specific=False)
-    ckpt_dir = out / "checkpoints"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    start = time.time()
-
+    if tc.log_with:
+        accelerator.init_trackers("vljepa", config={"lr": cfg.optim.lr, "batch_size": tc.batch_size,
+                                                     "max_steps": tc.max_steps})
+    started = time.time()
     model = VLJepa(cfg.model)
     if tc.init_from:
         load_init(model, tc.init_from)
@@ -207,9 +325,38 @@ def train(cfg: RunConfig, *, resume: bool = False, evaluate_fn=None) -> TrainRes
     optimizer = build_optimizer(model, cfg.optim, text_lr_mult=0.0 if cfg.model.text.freeze else cfg.model.text.lr_mult)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    raw_model: VLJepa = accelerator.unwrap_model(model)
+    return PreparedRun(accelerator, model, accelerator.unwrap_model(model), data, loader, optimizer, scheduler, started)
 
-    step, epoch, skip_batches = 0, 0, 0
+
+def forward_backward(run: PreparedRun, batch: dict, cfg: RunConfig) -> tuple[torch.Tensor, dict]:
+    """Loss and gradients for one batch (gradient caching when train.grad_cache_chunk > 0).
+
+    A non-finite loss is returned without a backward pass; the caller decides (train.on_nan).
+    """
+    if cfg.train.grad_cache_chunk:
+        terms = _grad_cache_backward(run.model, run.raw_model, batch, cfg.train.grad_cache_chunk, run.accelerator)
+        return terms["loss"], {k: float(v) for k, v in terms.items() if k != "loss"}
+    output = run.model(batch)
+    if torch.isfinite(output.loss):
+        run.accelerator.backward(output.loss)
+    return output.loss, output.metrics
+
+
+def train(cfg: RunConfig, *, resume: bool = False, evaluate_fn=None) -> TrainResult:
+    """Train a VL-JEPA model as ``cfg`` says; returns where the model and logs are.
+
+    ``evaluate_fn(model, cfg) -> dict`` runs periodic evaluation (``train.eval_every``) and at the end.
+    """
+    tc = cfg.train
+    out = Path(tc.output_dir)
+    run = prepare_run(cfg)
+    accelerator, model, raw_model, data = run.accelerator, run.model, run.raw_model, run.data
+    loader, optimizer, scheduler = run.loader, run.optimizer, run.scheduler
+    ckpt_dir = out / "checkpoints"
+    start = run.started
+    per_process = tc.batch_size // accelerator.num_processes
+
+    step, epoch, skip_batches, nan_skipped = 0, 0, 0, 0
     if resume:
         found = _checkpoints(ckpt_dir)
         if not found:
@@ -217,6 +364,7 @@ def train(cfg: RunConfig, *, resume: bool = False, evaluate_fn=None) -> TrainRes
         accelerator.load_state(str(found[-1]))
         state = json.loads((found[-1] / "trainer.json").read_text())
         step, epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
+        nan_skipped = state.get("nan_skipped", 0)
         accelerator.print(f"resumed from {found[-1]} at step {step}")
 
     summary = raw_model.parameter_summary()
@@ -224,8 +372,9 @@ def train(cfg: RunConfig, *, resume: bool = False, evaluate_fn=None) -> TrainRes
     frozen = sum(p["frozen"] for p in summary.values())
     accelerator.print(
         f"model: trainable {trainable / 1e6:.2f}M / frozen {frozen / 1e6:.2f}M | examples {len(data.examples)} | "
-        f"images {len(data.images)} | texts {len(data.texts)} | global batch {tc.batch_size * tc.grad_accum} | "
-        f"cache {data.cache_hits or 'off'} | {data.skipped.summary()}"
+        f"images {len(data.images)} | texts {len(data.texts)} | processes {accelerator.num_processes} | "
+        f"global batch {tc.batch_size * tc.grad_accum} | frozen towers encoded in {data.encode_seconds:.0f}s "
+        f"(cache hits {data.cache_hits or 'off'}) | {data.skipped.summary()}"
     )
     log_file = out / "metrics.jsonl"
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (tc.progress and accelerator.is_main_process),
@@ -233,6 +382,7 @@ def train(cfg: RunConfig, *, resume: bool = False, evaluate_fn=None) -> TrainRes
     last: dict = {}
     eval_results: dict = {}
     window_t, window_n = time.time(), 0
+    batch_in_epoch = skip_batches
     model.train()
     while step < tc.max_steps:
         data.collator.set_epoch(epoch)
@@ -243,17 +393,21 @@ def train(cfg: RunConfig, *, resume: bool = False, evaluate_fn=None) -> TrainRes
         for batch in batches:
             batch_in_epoch += 1
             with accelerator.accumulate(model):
-                output = model(batch)
-                loss = output.loss
-                if not torch.isfinite(loss):
+                loss, metrics = forward_backward(run, batch, cfg)
+                finite = bool(torch.isfinite(loss))
+                if not finite and tc.on_nan == "stop":
+                    good = _checkpoints(ckpt_dir)
                     raise FloatingPointError(
-                        f"loss is {loss.item()} at step {step}; lower optim.lr or set train.precision=no. "
-                        f"The last good checkpoint is under '{ckpt_dir}'"
+                        f"loss is {loss.item()} at step {step}; lower optim.lr, set train.precision=no, or set "
+                        f"train.on_nan=skip. Last good checkpoint: {good[-1] if good else '(none yet)'}"
                     )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                if not finite:
+                    nan_skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients and cfg.optim.grad_clip > 0 and finite:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
+                if finite:
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             window_n += per_process * accelerator.num_processes
@@ -263,10 +417,13 @@ def train(cfg: RunConfig, *, resume: bool = False, evaluate_fn=None) -> TrainRes
             bar.update(1)
             if step % tc.log_every == 0 or step == tc.max_steps:
                 elapsed = time.time() - window_t
-                last = {"step": step, "epoch": epoch, "loss": float(loss), "lr": scheduler.get_last_lr()[0],
-                        "samples_per_s": window_n / max(elapsed, 1e-9), **output.metrics}
+                last = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                        "samples_per_s": window_n / max(elapsed, 1e-9), "peak_memory_mb": _peak_memory_mb(),
+                        "nan_skipped": nan_skipped, **metrics}
                 window_t, window_n = time.time(), 0
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last.get('batch_acc', 0):.2f}")
+                if tc.log_with:
+                    accelerator.log({k: v for k, v in last.items() if k != "step"}, step=step)
                 if accelerator.is_main_process:
                     with log_file.open("a") as f:
                         f.write(json.dumps(last) + "\n")
@@ -274,13 +431,15 @@ def train(cfg: RunConfig, *, resume: bool = False, evaluate_fn=None) -> TrainRes
                 eval_results = _evaluate(evaluate_fn, raw_model, cfg, accelerator, step, log_file)
                 model.train()
             if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
-                _save_checkpoint(accelerator, ckpt_dir, step, epoch, batch_in_epoch, tc.keep_last)
+                _save_checkpoint(accelerator, ckpt_dir, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                                                         "nan_skipped": nan_skipped}, tc.keep_last)
             if step >= tc.max_steps:
                 break
         else:
             epoch += 1
     bar.close()
-    _save_checkpoint(accelerator, ckpt_dir, step, epoch, batch_in_epoch, tc.keep_last)
+    _save_checkpoint(accelerator, ckpt_dir, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                                             "nan_skipped": nan_skipped}, tc.keep_last)
     model_dir = out / "model"
     if accelerator.is_main_process:
         raw_model.save_pretrained(model_dir)
@@ -290,7 +449,7 @@ def train(cfg: RunConfig, *, resume: bool = False, evaluate_fn=None) -> TrainRes
     if accelerator.is_main_process:
         (out / "train_summary.json").write_text(json.dumps(
             {"steps": step, "seconds": seconds, "last": last, "skipped": data.skipped.to_dict(),
-             "parameters": summary, "eval": eval_results}, indent=2))
+             "nan_skipped": nan_skipped, "parameters": summary, "eval": eval_results}, indent=2))
     accelerator.end_training()
     return TrainResult(out, model_dir, step, seconds, last, data.skipped.to_dict(), eval_results)
 

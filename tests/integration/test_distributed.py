@@ -1,0 +1,86 @@
+"""Two CPU processes (gloo) train like one process with the same global batch; gradient caching
+gives the full-batch gradients. Both compare real trainer set-ups (tests/integration/dist_grads.py)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from vljepa.data.world import generate_world
+
+SCRIPT = Path(__file__).with_name("dist_grads.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: list[str], nproc: int = 1) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, str(SCRIPT), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={_free_port()}", str(SCRIPT), *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def grads(tmp_path_factory) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("dist")
+    generate_world(root / "world", seed=1, n_train=40, n_test=4, n_comp=4, image_size=32)
+    train = str(root / "world" / "train")
+    runs = {
+        "one": ([], 1),
+        "two": ([], 2),
+        "one_cached": (["--chunk", "4"], 1),
+        "two_cached": (["--chunk", "3"], 2),
+        "two_pixels": (["--vision-frozen", "false"], 2),
+        "one_pixels": (["--vision-frozen", "false"], 1),
+    }
+    out = {}
+    for name, (extra, nproc) in runs.items():
+        target = root / f"{name}.safetensors"
+        _run(["--train", train, "--run-dir", str(root / name), "--out", str(target), *extra], nproc)
+        out[name] = load_file(str(target))
+    return out
+
+
+def _max_grad_diff(a: dict, b: dict) -> float:
+    keys = [k for k in a if k.startswith("grad/")]
+    assert keys and sorted(keys) == sorted(k for k in b if k.startswith("grad/"))
+    return max(float((a[k] - b[k]).abs().max()) for k in keys)
+
+
+def test_two_processes_equal_one_process(grads):
+    one, two = grads["one"], grads["two"]
+    assert int(two["num_processes"]) == 2 and int(one["num_processes"]) == 1
+    assert float((one["loss"] - two["loss"]).abs()) < 1e-5
+    assert _max_grad_diff(one, two) < 1e-5
+    # The gradients are not trivially zero: the comparison means something.
+    assert max(float(v.abs().max()) for k, v in one.items() if k.startswith("grad/")) > 1e-2
+
+
+def test_two_processes_equal_one_process_with_trainable_vision(grads):
+    one, two = grads["one_pixels"], grads["two_pixels"]
+    assert any(k.startswith("grad/vision.") for k in one)
+    assert float((one["loss"] - two["loss"]).abs()) < 1e-5
+    assert _max_grad_diff(one, two) < 1e-5
+
+
+def test_gradient_caching_equals_full_batch(grads):
+    assert float((grads["one"]["loss"] - grads["one_cached"]["loss"]).abs()) < 1e-5
+    assert _max_grad_diff(grads["one"], grads["one_cached"]) < 1e-5
+
+
+def test_gradient_caching_across_processes_equals_full_batch(grads):
+    assert _max_grad_diff(grads["one"], grads["two_cached"]) < 1e-5

@@ -1,0 +1,108 @@
+"""The quickstart: world -> stage 1 (captions) -> stage 2 (VQA + captions) -> evaluation.
+
+It runs the same code a user's own run does: the world is written in the on-disk format, both
+stages are ``train(cfg)`` with the shipped YAML configs, and evaluation reads the held-out splits
+through the same readers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from vljepa.config import EvalConfig, config_dir, load_config, to_dict
+from vljepa.data.world import generate_world
+from vljepa.eval.report import evaluate, format_table
+from vljepa.models.vljepa import VLJepa
+from vljepa.train.trainer import train
+
+FULL = {"n_train": 8000, "n_test": 1000, "n_comp": 500}
+SMALL = {"n_train": 240, "n_test": 60, "n_comp": 40}
+SMALL_OVERRIDES = ["train.batch_size=32", "train.max_steps=6", "train.log_every=2", "optim.warmup_steps=2",
+                   "model.predictor.depth=1"]
+
+# What the quickstart is expected to reach (issue #2); reported next to the measured numbers.
+TARGETS = {
+    "test.vqa.accuracy": 0.95,
+    "test.vqa.per_type.min": 0.90,
+    "comp.vqa.accuracy": 0.70,
+    "test.retrieval.i2t_R@1": 0.70,
+    "test.retrieval.i2t_R@5": 0.97,
+}
+
+
+def _world(root: Path, sizes: dict[str, int], seed: int) -> Path:
+    """Reuse a world written earlier with the same sizes and seed; otherwise generate it."""
+    meta = root / "world.json"
+    if meta.is_file():
+        info = json.loads(meta.read_text())
+        wanted = {"train": sizes["n_train"], "test": sizes["n_test"], "comp": sizes["n_comp"]}
+        if info.get("seed") == seed and info.get("splits") == wanted:
+            print(f"[quickstart] reusing the world in {root}")
+            return root
+    print(f"[quickstart] generating the world in {root}")
+    generate_world(root, seed=seed, **sizes)
+    return root
+
+
+def _check(results: dict) -> dict[str, dict]:
+    test, comp = results["test"], results["comp"]
+    measured = {
+        "test.vqa.accuracy": test["vqa"]["accuracy"],
+        "test.vqa.per_type.min": min(v["accuracy"] for v in test["vqa"]["per_type"].values()),
+        "comp.vqa.accuracy": comp["vqa"]["accuracy"],
+        "test.retrieval.i2t_R@1": test["retrieval"]["i2t_R@1"],
+        "test.retrieval.i2t_R@5": test["retrieval"]["i2t_R@5"],
+    }
+    return {k: {"value": v, "target": TARGETS[k], "met": v >= TARGETS[k]} for k, v in measured.items()}
+
+
+def run_quickstart(out: str | Path, *, small: bool = False, overrides: list[str] | None = None, seed: int = 0) -> dict:
+    """Run the whole quickstart under ``out``; returns (and writes to ``out/metrics.json``) the metrics."""
+    out = Path(out)
+    start = time.time()
+    timings: dict[str, float] = {}
+    world = _world(out / "world", SMALL if small else FULL, seed)
+    timings["world"] = time.time() - start
+    extra = (SMALL_OVERRIDES if small else []) + list(overrides or [])
+    common = [f"data.train={world / 'train'}", f"data.cache_dir={out / 'cache'}", f"train.seed={seed}"]
+
+    t = time.time()
+    stage1 = load_config(config_dir() / "train" / "quickstart_stage1.yaml",
+                         common + [f"train.output_dir={out / 'stage1'}"] + extra)
+    print("[quickstart] stage 1: query-free caption pretraining")
+    r1 = train(stage1)
+    timings["stage1"] = time.time() - t
+
+    t = time.time()
+    stage2 = load_config(config_dir() / "train" / "quickstart_stage2.yaml",
+                         common + [f"train.output_dir={out / 'stage2'}", f"train.init_from={r1.model_dir}"] + extra)
+    print("[quickstart] stage 2: VQA fine-tuning (mixed with captions)")
+    r2 = train(stage2)
+    timings["stage2"] = time.time() - t
+
+    t = time.time()
+    model = VLJepa.from_pretrained(r2.model_dir)
+    precision = stage2.train.precision
+    classes = json.loads((world / "world.json").read_text())["classes"]  # all 24 colour-shape pairs
+    results = {
+        "test": evaluate(model, world / "test", EvalConfig(tasks=["retrieval", "classify", "vqa"], max_images=1000,
+                                                           precision=precision, classnames=classes)),
+        "comp": evaluate(model, world / "comp", EvalConfig(tasks=["classify", "vqa"], precision=precision,
+                                                           classnames=classes)),
+    }
+    timings["eval"] = time.time() - t
+    model_dir = model.save_pretrained(out / "model")
+    timings["total"] = time.time() - start
+    acceptance = _check(results)
+    metrics = {"results": results, "acceptance": acceptance, "timings_s": timings, "small": small,
+               "stage1": to_dict(stage1), "stage2": to_dict(stage2)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print()
+    print(format_table(results))
+    print()
+    for k, v in acceptance.items():
+        print(f"{k:<26} {v['value']:.3f}  (target >= {v['target']:.2f}: {'met' if v['met'] else 'NOT met'})")
+    print(f"\n[quickstart] done in {timings['total']:.0f}s: model in {model_dir}, metrics in {out / 'metrics.json'}")
+    return metrics
