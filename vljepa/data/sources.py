@@ -14,6 +14,7 @@ from typing import Literal
 
 from PIL import Image
 
+from vljepa.config import SourceConfig
 from vljepa.data.formats import CaptionRecord, DataError, SkipReport, VQARecord
 
 METADATA_FILE = "metadata.jsonl"
@@ -204,3 +205,20 @@ def read_split(
             message += f"; {problem.report.summary()}"
         raise DataError(message)
     return records, problem.report
+
+
+def read_source(source: SourceConfig, *, on_error: OnError = "stop", work_dir: str | Path = ".") -> tuple[list, SkipReport]:
+    """Read one configured source into caption or VQA records (``source.task``).
+
+    ``work_dir`` is where sources whose images live inside containers are unpacked once.
+    """
+    fmt = source.format
+    if fmt == "auto":
+        fmt = "imagefolder"
+    if fmt == "imagefolder":
+        records, report = read_split(source.path, source.task, on_error=on_error)
+    else:
+        raise DataError(f"data source format '{source.format}' is not supported yet; use imagefolder")
+    if source.max_records:
+        records = records[: source.max_records]
+    return records, report

@@ -217,13 +217,18 @@ def _draw(rng: np.random.Generator, objects: list[_Object], image_size: int) -> 
     return img.reduce(_SUPERSAMPLE)
 
 
-def _captions(rng: np.random.Generator, objects: list[_Object], k: int) -> list[str]:
-    """``k`` captions from distinct templates, each with its own choice of size words."""
-    templates = _CAPTIONS[len(objects)]
+def _captions(objects: list[_Object], k: int) -> list[str]:
+    """The first ``k`` templates for this object count, each with a fixed choice of size words.
+
+    Captions depend only on what the scene shows, so two images with the same objects in the same
+    order share one caption set. Retrieval counts a caption as a hit when its text equals a caption
+    of the image; with randomly drawn paraphrases, an image's own set would miss the equally right
+    paraphrases drawn for its twins, and R@1 would measure luck rather than the model.
+    """
     captions = []
-    for t in rng.permutation(len(templates))[:k]:
-        phrases = [f"{_pick(rng, list(SIZE_WORDS[o.size]))} {o.color} {o.shape}" for o in objects]
-        captions.append(templates[t].format(**dict(zip("abc", phrases))))
+    for t, template in enumerate(_CAPTIONS[len(objects)][:k]):
+        phrases = [f"{SIZE_WORDS[o.size][t % 2]} {o.color} {o.shape}" for o in objects]
+        captions.append(template.format(**dict(zip("abc", phrases))))
     return captions
 
 
@@ -361,7 +366,7 @@ def _write_split(
             _draw(rng, objects, image_size).save(split_dir / file_name)
             record = {
                 "file_name": file_name,
-                "captions": _captions(rng, objects, captions_per_image),
+                "captions": _captions(objects, captions_per_image),
                 "objects": [
                     {"color": o.color, "shape": o.shape, "size": o.size, "x": round(o.x, 4), "y": round(o.y, 4)}
                     for o in objects

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from vljepa.config import EvalConfig
 from vljepa.data.formats import DataError, SkipReport
@@ -31,8 +32,30 @@ from vljepa.models.vljepa import VLJepa
 TASKS = ("retrieval", "classify", "vqa")
 
 
-def evaluate(model: VLJepa, split: str | Path, cfg: EvalConfig, *, on_error: str = "stop") -> dict:
-    """Run ``cfg.tasks`` on the split folder ``split``; returns the report described above."""
+def _encode_sharded(model: VLJepa, images: list[str], cfg: EvalConfig, on_error: str, report: SkipReport,
+                    accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each process encodes its share of the images; ``gather_for_metrics`` reassembles them."""
+    loader = accelerator.prepare_data_loader(DataLoader(list(range(len(images))), batch_size=cfg.batch_size))
+    parts = []
+    for idx in loader:
+        tokens, ok = encode_images(model, [images[i] for i in idx.tolist()], batch_size=cfg.batch_size,
+                                   on_error=on_error, report=SkipReport(), precision=cfg.precision)
+        parts.append(accelerator.gather_for_metrics((idx, tokens.to(idx.device), ok.to(torch.uint8))))
+    order = torch.cat([p[0] for p in parts]).cpu()
+    tokens = torch.cat([p[1] for p in parts]).cpu()[order.argsort()]
+    ok = torch.cat([p[2] for p in parts]).cpu()[order.argsort()].bool()
+    for path, good in zip(images, ok.tolist()):
+        if not good:
+            report.add("unreadable image", path)
+    return tokens, ok
+
+
+def evaluate(model: VLJepa, split: str | Path, cfg: EvalConfig, *, on_error: str = "stop", accelerator=None) -> dict:
+    """Run ``cfg.tasks`` on the split folder ``split``; returns the report described above.
+
+    With an ``accelerator`` of several processes, the images are encoded in shards and gathered
+    with ``gather_for_metrics``; every process then holds the same report.
+    """
     unknown = set(cfg.tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown eval.tasks {sorted(unknown)}; choose from {list(TASKS)}")
@@ -52,8 +75,11 @@ def evaluate(model: VLJepa, split: str | Path, cfg: EvalConfig, *, on_error: str
         questions = [r for r in questions if r.image in keep]
     # Every image is encoded once, whichever tasks use it.
     images = list(dict.fromkeys([r.image for r in captions] + [r.image for r in questions]))
-    tokens, ok = encode_images(model, images, batch_size=cfg.batch_size, on_error=on_error, report=report,
-                               precision=cfg.precision)
+    if accelerator is not None and accelerator.num_processes > 1:
+        tokens, ok = _encode_sharded(model, images, cfg, on_error, report, accelerator)
+    else:
+        tokens, ok = encode_images(model, images, batch_size=cfg.batch_size, on_error=on_error, report=report,
+                                   precision=cfg.precision)
     row = {p: i for i, p in enumerate(images) if ok[i]}
     results: dict = {"split": str(split)}
     captions = [r for r in captions if r.image in row]

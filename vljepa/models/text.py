@@ -92,8 +92,10 @@ class HFTextEncoder(nn.Module):
                 f"cannot load text model '{cfg.path}' ({exc.__class__.__name__}). Offline, point "
                 "model.text.path at a local copy of the model folder (config.json, tokenizer and weights)"
             ) from exc
-        self.pooling = read_pooling(folder) if cfg.pooling == "auto" and local else (
-            "mean" if cfg.pooling == "auto" else cfg.pooling)
+        if cfg.pooling != "auto":
+            self.pooling = cfg.pooling
+        else:  # a Hub id without a local folder: its pooling file is not at hand, mean is the common default
+            self.pooling = read_pooling(folder) if local else "mean"
         self.hidden_size = self.model.config.hidden_size
         if cfg.freeze:
             self.requires_grad_(False).eval()

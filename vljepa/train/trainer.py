@@ -22,11 +22,11 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from vljepa.config import ConfigError, RunConfig, save_config
+from vljepa.config import ConfigError, RunConfig, SourceConfig, save_config
 from vljepa.data.cache import EmbeddingCache
 from vljepa.data.collate import Collator, ExampleIndex, Examples, TextTable
 from vljepa.data.formats import DataError, SkipReport
-from vljepa.data.sources import load_image, read_split
+from vljepa.data.sources import load_image, read_source
 from vljepa.embed import cached_image_tokens, cached_text_features, pixel_loader
 from vljepa.models.vljepa import VLJepa, read_model_meta
 from vljepa.train.optim import build_optimizer, build_scheduler
@@ -52,16 +52,32 @@ class TrainingData:
     skipped: SkipReport
     cache_hits: dict[str, bool]
     encode_seconds: float
+    mixture: list[float] | None = None  # per-example sampling weights, or None for plain shuffling
 
 
-def _task_records(cfg: RunConfig, report: SkipReport) -> list[tuple[str, list]]:
-    tasks = ["caption", "vqa"] if cfg.data.task == "mixed" else [cfg.data.task]
+def training_sources(cfg: RunConfig) -> list[SourceConfig]:
+    """``data.train`` (one imagefolder split, task ``data.task``) followed by ``data.sources``."""
+    sources = []
+    if cfg.data.train:
+        tasks = ["caption", "vqa"] if cfg.data.task == "mixed" else [cfg.data.task]
+        sources = [SourceConfig(path=cfg.data.train, format="imagefolder", task=t) for t in tasks]
+    sources += list(cfg.data.sources)
+    if not sources:
+        raise ConfigError("no training data: set data.train to a split folder or list data.sources")
+    return sources
+
+
+def _task_records(cfg: RunConfig, report: SkipReport) -> list[tuple[SourceConfig, list]]:
     out = []
-    for task in tasks:
-        records, skipped = read_split(cfg.data.train, task, on_error=cfg.data.on_error)
+    for source in training_sources(cfg):
+        records, skipped = read_source(source, on_error=cfg.data.on_error, work_dir=_work_dir(cfg))
         report.merge(skipped)
-        out.append((task, records))
+        out.append((source, records))
     return out
+
+
+def _work_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.data.cache_dir or Path(cfg.train.output_dir) / "cache")
 
 
 def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator) -> TrainingData:
@@ -74,11 +90,13 @@ def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator)
     texts: dict[str, int] = {}
     chunks: list[list[str]] = []  # texts first seen in each task, cached chunk by chunk
     raw: list[tuple[int, str, tuple[int, ...]]] = []
-    for task, records in per_task:
+    weights: list[float] = []  # per example: its source's weight shared over the source's examples
+    for source, records in per_task:
         first_new = len(texts)
+        weights += [source.weight / max(1, len(records))] * len(records)
         for r in records:
             img = images.setdefault(r.image, len(images))
-            if task == "caption":
+            if source.task == "caption":
                 targets = tuple(texts.setdefault(c, len(texts)) for c in r.captions)
                 raw.append((img, "", targets))
             else:
@@ -87,12 +105,13 @@ def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator)
     image_list, text_list = list(images), list(texts)
     cache = None
     if cfg.data.cache:
-        cache = EmbeddingCache(cfg.data.cache_dir or Path(cfg.train.output_dir) / "cache")
+        cache = EmbeddingCache(_work_dir(cfg))
     hits: dict[str, bool] = {}
     visual_tokens = None
     precision = cfg.train.precision
     t0 = time.time()
-    if cfg.model.vision.freeze:
+    # Only towers whose outputs never change (frozen, no LoRA adapters) are encoded once and cached.
+    if cfg.model.vision.freeze and not cfg.model.vision.lora.r:
         with accelerator.main_process_first():
             visual_tokens, ok, hits["images"] = cached_image_tokens(
                 model, image_list, cache, on_error=cfg.data.on_error, report=report, precision=precision)
@@ -103,10 +122,11 @@ def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator)
     for i in sorted(set(range(len(raw))) - set(keep)):
         report.add("record of an unreadable image", image_list[raw[i][0]])
     raw = [raw[i] for i in keep]
+    weights = [weights[i] for i in keep]
     if not raw:
         raise DataError(f"no usable training records in '{cfg.data.train}'; {report.summary()}")
 
-    if cfg.model.text.freeze:
+    if cfg.model.text.freeze and not cfg.model.text.lora.r:
         parts = []
         with accelerator.main_process_first():
             for i, chunk in enumerate(c for c in chunks if c):
@@ -126,13 +146,15 @@ def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator)
         for q, ids, m in zip(queries, qtok["input_ids"], qtok["attention_mask"]):
             qids[q] = ids[m.bool()].tolist()
     examples = Examples(image=[r[0] for r in raw], query=[qids[r[1]] for r in raw], targets=[r[2] for r in raw])
+    # Sources with weights other than 1 are mixed by weight; otherwise every example once an epoch.
+    mixture = weights if any(src.weight != 1.0 for src, _ in per_task) else None
     if visual_tokens is not None:
         collator = Collator(examples, table, visual_tokens=visual_tokens, seed=cfg.train.seed)
     else:
         to_tensor = pixel_loader(model)
         collator = Collator(examples, table, seed=cfg.train.seed,
                             load_pixels=lambda j: to_tensor(load_image(image_list[j], "stop")))
-    return TrainingData(examples, collator, image_list, text_list, report, hits, encode_seconds)
+    return TrainingData(examples, collator, image_list, text_list, report, hits, encode_seconds, mixture)
 
 
 def _concat_text_features(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -156,6 +178,26 @@ def _check_images(paths: list[str], on_error: str, report: SkipReport) -> torch.
         else:
             ok[i] = True
     return ok
+
+
+class MixtureSampler(torch.utils.data.Sampler[int]):
+    """Draws an epoch's worth of example indices with replacement, by weight, from (seed, epoch),
+    so every process draws the same sequence and a resumed run draws what it would have drawn."""
+
+    def __init__(self, weights: list[float], *, seed: int) -> None:
+        self.weights = torch.tensor(weights, dtype=torch.double)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.multinomial(self.weights, len(self.weights), replacement=True, generator=g).tolist()
 
 
 def load_init(model: VLJepa, folder: str) -> None:
@@ -272,7 +314,7 @@ def _grad_cache_backward(model, raw_model: VLJepa, batch: dict, chunk: int, acce
 def dry_run(cfg: RunConfig) -> dict:
     """Check config and data without training: records read, images found, model built."""
     report = SkipReport()
-    counts = {task: len(records) for task, records in _task_records(cfg, report)}
+    counts = {f"{src.path} ({src.task})": len(records) for src, records in _task_records(cfg, report)}
     model = VLJepa(cfg.model, load_weights=False)
     if cfg.train.init_from:
         read_model_meta(Path(cfg.train.init_from))
@@ -300,9 +342,10 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     accelerator = Accelerator(mixed_precision=tc.precision, gradient_accumulation_steps=tc.grad_accum,
                               cpu=not torch.cuda.is_available(), log_with=tc.log_with or None,
                               project_dir=str(out))
-    # The same seed on every process: identical initial weights and one shared data order, which
-    # Accelerate then shards, so N processes see exactly the global batch one process would.
-    set_seed(tc.seed, device_specific=False)
+    # Per-process seeds (seed + rank) for any randomness in the step; DDP copies rank 0's initial
+    # weights to every process, and the data order has its own generator seeded by train.seed, shared
+    # by all processes and then sharded, so N processes see exactly the global batch one would.
+    set_seed(tc.seed, device_specific=True)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -317,9 +360,13 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     per_process = tc.batch_size // accelerator.num_processes
     if per_process * accelerator.num_processes != tc.batch_size:
         raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by {accelerator.num_processes} processes")
-    generator = torch.Generator().manual_seed(tc.seed)
-    loader = DataLoader(ExampleIndex(len(data.examples)), batch_size=per_process, shuffle=True, drop_last=True,
-                        collate_fn=data.collator, num_workers=cfg.data.num_workers, generator=generator)
+    if data.mixture is None:
+        sampler = torch.utils.data.RandomSampler(ExampleIndex(len(data.examples)),
+                                                 generator=torch.Generator().manual_seed(tc.seed))
+    else:
+        sampler = MixtureSampler(data.mixture, seed=tc.seed)
+    loader = DataLoader(ExampleIndex(len(data.examples)), batch_size=per_process, sampler=sampler, drop_last=True,
+                        collate_fn=data.collator, num_workers=cfg.data.num_workers)
     if len(loader) == 0:
         raise ConfigError(f"train.batch_size={tc.batch_size} is larger than the {len(data.examples)} training examples")
     optimizer = build_optimizer(model, cfg.optim, text_lr_mult=0.0 if cfg.model.text.freeze else cfg.model.text.lr_mult)
@@ -345,7 +392,8 @@ def forward_backward(run: PreparedRun, batch: dict, cfg: RunConfig) -> tuple[tor
 def train(cfg: RunConfig, *, resume: bool = False, evaluate_fn=None) -> TrainResult:
     """Train a VL-JEPA model as ``cfg`` says; returns where the model and logs are.
 
-    ``evaluate_fn(model, cfg) -> dict`` runs periodic evaluation (``train.eval_every``) and at the end.
+    ``evaluate_fn(model, cfg, accelerator) -> dict`` runs on every process, periodically
+    (``train.eval_every``) and at the end.
     """
     tc = cfg.train
     out = Path(tc.output_dir)
@@ -456,7 +504,7 @@ def train(cfg: RunConfig, *, resume: bool = False, evaluate_fn=None) -> TrainRes
 
 def _evaluate(evaluate_fn, model: VLJepa, cfg: RunConfig, accelerator: Accelerator, step: int, log_file: Path) -> dict:
     model.eval()
-    results = evaluate_fn(model, cfg) if accelerator.is_main_process else {}
+    results = evaluate_fn(model, cfg, accelerator)
     if accelerator.is_main_process:
         with log_file.open("a") as f:
             f.write(json.dumps({"step": step, "eval": results}) + "\n")
