@@ -87,11 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_world(args: argparse.Namespace) -> None:
+    from vljepa.config import ConfigError
     from vljepa.data.world import generate_world
 
     t = time.time()
-    info = generate_world(args.out, seed=args.seed, n_train=args.train, n_test=args.test, n_comp=args.comp,
-                          image_size=args.image_size, captions_per_image=args.captions, progress=True)
+    try:
+        info = generate_world(args.out, seed=args.seed, n_train=args.train, n_test=args.test, n_comp=args.comp,
+                              image_size=args.image_size, captions_per_image=args.captions, progress=True)
+    except ValueError as exc:  # --image-size / --captions out of range
+        raise ConfigError(f"world: {exc}") from exc
     print(f"world written to {info.root} in {time.time() - t:.1f}s: {info.splits}; held-out pairs {info.held_out}")
 
 

@@ -139,7 +139,7 @@ class DataConfig:
     task: Literal["caption", "vqa", "mixed"] = "caption"
     on_error: Literal["stop", "skip"] = "stop"
     num_workers: int = 0
-    cache: bool = True  # cache outputs of frozen towers (computed once, reused every epoch)
+    cache: bool = True  # encode frozen towers once (cached on disk); false = run them in every step
     cache_dir: str = ""  # where the cache lives ("" = <output_dir>/cache)
 
 
@@ -352,7 +352,7 @@ def _check_override_path(cls: type, path: list[str]) -> Any:
     return node
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{p}' not found; pass an existing YAML file to --config")
@@ -365,7 +365,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is not None:
         # A config may extend another: `base: ../model/quickstart.yaml` (relative to this file).
-        data = _merge(read_yaml((p.parent / base).resolve()), data)
+        chain = (*_chain, p.resolve())
+        parent = (p.parent / base).resolve()
+        if parent in chain:
+            cycle = " -> ".join(str(x) for x in (*chain, parent))
+            raise ConfigError(f"config file '{p}' extends itself through `base:` ({cycle}); remove the cycle")
+        data = _merge(read_yaml(parent, chain), data)
     return data
 
 

@@ -7,6 +7,7 @@ Training and evaluation share these helpers, so both read images the same way (t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -106,6 +107,16 @@ def encode_text_features(
     return out
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's tensors: two encoders with one name but other weights (a random
+    initialisation, a fine-tuned copy) never share cache entries."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def cached_image_tokens(
     model: VLJepa, paths: Sequence[str], cache: EmbeddingCache | None, *, on_error: str, report: SkipReport,
     precision: str = "no", batch_size: int = 128,
@@ -120,8 +131,9 @@ def cached_image_tokens(
     if cache is None:
         out, hit = compute()[0], False
     else:
-        identity = {"vision": model.vision.identity(), "mean": list(model.vision.mean), "std": list(model.vision.std),
-                    "precision": precision, "on_error": on_error}
+        identity = {"vision": model.vision.identity(), "weights": weights_digest(model.vision),
+                    "mean": list(model.vision.mean), "std": list(model.vision.std), "precision": precision,
+                    "on_error": on_error}
         out, hit = cache.get_or_compute(identity, paths, compute, key_items=file_items(paths))
         if hit:
             for p, good in zip(paths, out["ok"].tolist()):
@@ -145,7 +157,8 @@ def cached_text_features(
     if cache is None:
         sharded, whole = compute()
         return {**sharded, **whole}, False
-    identity = {"text": model.text.identity(), "states": with_states, "precision": precision}
+    identity = {"text": model.text.identity(), "weights": weights_digest(model.text), "states": with_states,
+                "precision": precision}
     return cache.get_or_compute(identity, texts, compute)
 
 

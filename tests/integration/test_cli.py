@@ -201,8 +201,6 @@ def test_resume_continues_from_the_last_checkpoint(resumed):
     assert (out / "model" / "model.safetensors").is_file()
 
 
-@pytest.mark.xfail(reason="BUG: the DataLoader's shuffling generator is not in the checkpoint, so a resumed run "
-                          "replays another batch order than the uninterrupted run", strict=True)
 def test_resumed_run_equals_the_uninterrupted_run(resumed, stage1):
     straight = load_file(str(stage1 / "model" / "model.safetensors"))
     again = load_file(str(resumed[0] / "model" / "model.safetensors"))
@@ -240,16 +238,12 @@ def test_eval_and_predict_data_errors_exit_2(stage2, world, work, capsys):
     assert f"cannot read image '{missing}'" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(reason="BUG: an unknown --tasks name raises ValueError from evaluate(), which main() does not "
-                          "catch: a traceback (exit 1) instead of 'error: ...' (exit 2)", strict=True)
 def test_eval_unknown_task_exits_2(stage2, world, capsys):
     rc = main(["eval", "--model", str(stage2[0] / "model"), "--split", str(world / "test"), "--tasks", "retreival"])
     assert rc == 2
     assert "unknown eval.tasks ['retreival']" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(reason="BUG: `world` argument errors (image size, captions) raise ValueError from generate_world, "
-                          "which main() does not catch: a traceback instead of 'error: ...' (exit 2)", strict=True)
 def test_world_bad_arguments_exit_2(work, capsys):
     rc = main(["world", "--out", str(work / "bad_world"), "--image-size", "8"])
     assert rc == 2

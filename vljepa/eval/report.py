@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from vljepa.config import EvalConfig
+from vljepa.config import ConfigError, EvalConfig
 from vljepa.data.formats import DataError, SkipReport
 from vljepa.data.sources import read_split
 from vljepa.decode.nearest import CandidateBank
@@ -58,7 +58,7 @@ def evaluate(model: VLJepa, split: str | Path, cfg: EvalConfig, *, on_error: str
     """
     unknown = set(cfg.tasks) - set(TASKS)
     if unknown:
-        raise ValueError(f"unknown eval.tasks {sorted(unknown)}; choose from {list(TASKS)}")
+        raise ConfigError(f"unknown eval.tasks {sorted(unknown)}; choose from {list(TASKS)}")
     model.eval()
     report = SkipReport()
     captions, questions = [], []

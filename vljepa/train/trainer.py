@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -103,15 +103,14 @@ def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator)
                 raw.append((img, r.question, (texts.setdefault(r.answer, len(texts)),)))
         chunks.append(list(texts)[first_new:])
     image_list, text_list = list(images), list(texts)
-    cache = None
-    if cfg.data.cache:
-        cache = EmbeddingCache(_work_dir(cfg))
+    cache = EmbeddingCache(_work_dir(cfg)) if cfg.data.cache else None
     hits: dict[str, bool] = {}
     visual_tokens = None
     precision = cfg.train.precision
     t0 = time.time()
-    # Only towers whose outputs never change (frozen, no LoRA adapters) are encoded once and cached.
-    if cfg.model.vision.freeze and not cfg.model.vision.lora.r:
+    # Only towers whose outputs never change (frozen, no LoRA adapters) are encoded once and cached;
+    # with data.cache=false they run inside every step instead.
+    if cfg.data.cache and cfg.model.vision.freeze and not cfg.model.vision.lora.r:
         with accelerator.main_process_first():
             visual_tokens, ok, hits["images"] = cached_image_tokens(
                 model, image_list, cache, on_error=cfg.data.on_error, report=report, precision=precision)
@@ -126,7 +125,7 @@ def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator)
     if not raw:
         raise DataError(f"no usable training records in '{cfg.data.train}'; {report.summary()}")
 
-    if cfg.model.text.freeze and not cfg.model.text.lora.r:
+    if cfg.data.cache and cfg.model.text.freeze and not cfg.model.text.lora.r:
         parts = []
         with accelerator.main_process_first():
             for i, chunk in enumerate(c for c in chunks if c):
@@ -339,9 +338,13 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     """Accelerator, model (optionally from train.init_from), data, loader, optimizer and schedule."""
     tc = cfg.train
     out = Path(tc.output_dir)
+    # A seedable sampler draws each epoch's order from (train.seed, epoch) alone, so a run resumed in
+    # any epoch skips the batches it already trained on of the same order (the DataLoader generator
+    # itself is not in the checkpoint).
     accelerator = Accelerator(mixed_precision=tc.precision, gradient_accumulation_steps=tc.grad_accum,
                               cpu=not torch.cuda.is_available(), log_with=tc.log_with or None,
-                              project_dir=str(out))
+                              project_dir=str(out),
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     # Per-process seeds (seed + rank) for any randomness in the step; DDP copies rank 0's initial
     # weights to every process, and the data order has its own generator seeded by train.seed, shared
     # by all processes and then sharded, so N processes see exactly the global batch one would.
@@ -496,7 +499,8 @@ def train(cfg: RunConfig, *, resume: bool = False, evaluate_fn=None) -> TrainRes
     seconds = time.time() - start
     if accelerator.is_main_process:
         (out / "train_summary.json").write_text(json.dumps(
-            {"steps": step, "seconds": seconds, "last": last, "skipped": data.skipped.to_dict(),
+            {"steps": step, "seconds": seconds, "encode_seconds": data.encode_seconds, "cache_hits": data.cache_hits,
+             "last": last, "skipped": data.skipped.to_dict(),
              "nan_skipped": nan_skipped, "parameters": summary, "eval": eval_results}, indent=2))
     accelerator.end_training()
     return TrainResult(out, model_dir, step, seconds, last, data.skipped.to_dict(), eval_results)

@@ -1,0 +1,379 @@
+"""Models: the predictor, the real pretrained towers (EfficientNet-Lite0, all-MiniLM-L6-v2), and
+VLJepa's frozen parts, training step, target de-duplication and save / load."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vljepa.config import ConfigError, PredictorConfig, TextConfig, VisionConfig
+from vljepa.losses import info_nce
+from vljepa.models import vljepa as vljepa_module
+from vljepa.models.predictor import Predictor, build_predictor
+from vljepa.models.text import build_text_encoder, read_pooling, resolve_text_path
+from vljepa.models.vision import build_vision_encoder, efficientnet_lite0_state_dict
+from vljepa.models.vljepa import VLJepa, VLJepaOutput
+
+# ------------------------------------------------------------------------------------------ predictor
+
+
+def _predictor(**kw) -> Predictor:
+    torch.manual_seed(0)
+    args = dict(visual_dim=8, dim=16, depth=2, heads=2, target_dim=4, vocab_size=50, max_query_len=6,
+                max_visual_tokens=5)
+    return Predictor(**{**args, **kw}).eval()
+
+
+def test_predictor_shapes_with_and_without_query():
+    p = _predictor()
+    v = torch.randn(3, 5, 8)
+    assert p(v).shape == (3, 4)
+    ids = torch.randint(1, 50, (3, 4))
+    out = p(v, ids, torch.ones(3, 4, dtype=torch.long))
+    assert out.shape == (3, 4)
+    assert not torch.allclose(out, p(v))  # the query is read
+    torch.testing.assert_close(p(v, ids), out)  # no mask = every query token is real
+
+
+def test_predictor_padding_invariance():
+    p = _predictor()
+    v = torch.randn(2, 5, 8)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    out = p(v, ids, mask)
+    # Three more padded positions holding arbitrary ids change nothing.
+    ids_long = torch.cat([ids, torch.tensor([[11, 12, 13], [14, 15, 16]])], dim=1)
+    mask_long = torch.cat([mask, torch.zeros(2, 3, dtype=torch.long)], dim=1)
+    torch.testing.assert_close(p(v, ids_long, mask_long), out, atol=1e-6, rtol=1e-5)
+    # A row of the batch gives the same answer alone, unpadded.
+    torch.testing.assert_close(p(v[1:], ids[1:, :2], mask[1:, :2]), out[1:], atol=1e-6, rtol=1e-5)
+    # A fully padded query is the query-free prediction (caption rows in a mixed batch).
+    torch.testing.assert_close(p(v, ids, torch.zeros_like(mask)), p(v), atol=1e-6, rtol=1e-5)
+
+
+def test_predictor_limits_and_errors():
+    p = _predictor()
+    with pytest.raises(ConfigError, match="query of 7 tokens exceeds model.predictor.max_query_len=6"):
+        p(torch.randn(1, 5, 8), torch.ones(1, 7, dtype=torch.long))
+    with pytest.raises(ConfigError, match="6 visual tokens exceed model.predictor.max_visual_tokens=5"):
+        p(torch.randn(1, 6, 8))
+    with pytest.raises(ConfigError, match="predictor dim 16 is not divisible by heads 3"):
+        _predictor(heads=3)
+    with pytest.raises(ConfigError, match=r"unknown model.predictor.kind 'lstm'; choose one of \['transformer'\]"):
+        build_predictor(PredictorConfig(kind="lstm"), visual_dim=8, target_dim=4, vocab_size=50)
+
+
+def test_predictor_from_config_uses_every_field():
+    cfg = PredictorConfig(dim=24, depth=3, heads=4, mlp_ratio=2.0, max_query_len=7, max_visual_tokens=9)
+    p = build_predictor(cfg, visual_dim=10, target_dim=5, vocab_size=30)
+    assert len(p.blocks) == 3 and p.blocks[0].heads == 4
+    assert p.blocks[0].mlp[0].out_features == 48
+    assert p.query_pos.shape == (1, 7, 24) and p.visual_pos.shape == (1, 9, 24)
+    assert p.query_embed.num_embeddings == 30 and p.head.out_features == 5
+
+
+# ------------------------------------------------------------------------------------------ real towers
+
+
+@pytest.fixture(scope="module")
+def imagenet_lite0():
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model.load_state_dict(efficientnet_lite0_state_dict())
+    return model.eval()
+
+
+def _imagenet_pixels(model, arrays) -> torch.Tensor:
+    from torchvision.transforms import functional as TF
+
+    cfg = model.pretrained_cfg
+    assert cfg["mean"] == (0.5, 0.5, 0.5) and cfg["std"] == (0.5, 0.5, 0.5)
+    out = []
+    for a in arrays:
+        img = Image.fromarray(a).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC)
+        out.append(TF.normalize(TF.to_tensor(img), cfg["mean"], cfg["std"]))
+    return torch.stack(out)
+
+
+def test_efficientnet_lite0_package_weights_classify_real_photos(imagenet_lite0):
+    from skimage import data
+
+    with torch.no_grad():
+        logits = imagenet_lite0(_imagenet_pixels(imagenet_lite0, [data.coffee(), data.chelsea()]))
+    top1 = logits.argmax(1).tolist()
+    assert top1[0] == 967  # espresso
+    assert 281 <= top1[1] <= 285  # a domestic cat (tabby / tiger cat / Persian / Siamese / Egyptian)
+
+
+def test_efficientnet_lite0_encoder_tokens_are_the_backbone_features(imagenet_lite0):
+    enc = build_vision_encoder(VisionConfig(kind="efficientnet_lite0", weights="package", image_size=64))
+    assert enc.mean == (0.5, 0.5, 0.5) and enc.std == (0.5, 0.5, 0.5)
+    assert enc.out_dim == 320 and enc.num_tokens(64) == 4
+    assert all(not p.requires_grad for p in enc.parameters()) and not enc.training
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = enc(x)
+        fmap = imagenet_lite0.blocks(imagenet_lite0.bn1(imagenet_lite0.conv_stem(x)))  # [2, 320, 2, 2]
+    assert tokens.shape == (2, 4, 320)
+    torch.testing.assert_close(tokens, fmap.flatten(2).transpose(1, 2))
+
+
+def test_vision_registry_and_errors():
+    with pytest.raises(ConfigError, match=r"unknown model.vision.kind 'resnet'; choose one of"):
+        build_vision_encoder(VisionConfig(kind="resnet"))
+    with pytest.raises(ConfigError, match="image_size=30 is not divisible by model.vision.patch_size=16"):
+        build_vision_encoder(VisionConfig(kind="vit", image_size=30, dim=8, heads=2, depth=1))
+    with pytest.raises(ConfigError, match="feature_stage=7 is out of range"):
+        build_vision_encoder(VisionConfig(kind="timm", feature_stage=7, weights="none"))
+    vit = build_vision_encoder(VisionConfig(kind="vit", image_size=32, patch_size=16, dim=8, heads=2, depth=1))
+    assert vit(torch.randn(1, 3, 32, 32)).shape == (1, 4, 8) and vit.num_tokens(32) == 4
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """The real all-MiniLM-L6-v2 Y-encoder, read offline from its PyPI package."""
+    return build_text_encoder(TextConfig(path="package:all-minilm-l6-v2"))
+
+
+def test_minilm_pooling_comes_from_the_package_files(minilm):
+    folder = resolve_text_path("package:all-minilm-l6-v2")
+    assert (Path(folder) / "1_Pooling" / "config.json").is_file()
+    assert read_pooling(folder) == "mean"
+    assert minilm.pooling == "mean" and minilm.hidden_size == 384
+    assert not minilm.training and all(not p.requires_grad for p in minilm.parameters())
+
+
+def test_minilm_ranks_a_puppy_closer_to_a_dog_than_to_a_car(minilm):
+    tok = minilm.tokenize(["a dog", "a puppy", "a car"])
+    with torch.no_grad():
+        z = minilm(**tok).pooled
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(3))
+    dog, puppy, car = z
+    assert puppy @ dog > puppy @ car + 0.1
+
+
+def test_minilm_matches_sentence_transformers(minilm):
+    st = pytest.importorskip("sentence_transformers")
+    ref = st.SentenceTransformer(minilm.source, device="cpu")
+    texts = ["a red circle left of a blue star", "yes", "how many objects are there?"]
+    with torch.no_grad():
+        ours = minilm(**minilm.tokenize(texts)).pooled
+    theirs = torch.as_tensor(ref.encode(texts, normalize_embeddings=True))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_text_path_errors():
+    with pytest.raises(ConfigError, match=r"unknown packaged text model 'bert'; known: \['all-minilm-l6-v2'\]"):
+        resolve_text_path("package:bert")
+    with pytest.raises(ConfigError, match="is not a folder; point it at a local model folder"):
+        build_text_encoder(TextConfig(path="/nonexistent/minilm"))
+
+
+# ------------------------------------------------------------------------------------------ VLJepa
+
+
+def _pixels(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_frozen_parts_are_frozen_and_stay_in_eval_mode(tiny_model):
+    m = tiny_model
+    assert all(not p.requires_grad for p in m.vision.parameters())
+    assert all(not p.requires_grad for p in m.text.parameters())
+    assert all(p.requires_grad for p in m.predictor.parameters())
+    assert all(p.requires_grad for p in m.target_head.parameters())
+    assert m.logit_scale.requires_grad
+    try:
+        m.train()
+        assert m.training and m.predictor.training and m.target_head.training
+        assert not m.vision.training and not m.text.training
+        assert not any(mod.training for mod in m.text.modules())
+    finally:
+        m.eval()
+
+
+def test_parameter_summary_counts(tiny_model):
+    s = tiny_model.parameter_summary()
+    assert list(s) == ["vision", "predictor", "text", "target_head"]
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    assert s["vision"] == {"trainable": 0, "frozen": count(tiny_model.vision)}
+    assert s["text"] == {"trainable": 0, "frozen": count(tiny_model.text)}
+    assert s["predictor"] == {"trainable": count(tiny_model.predictor), "frozen": 0}
+    assert s["target_head"] == {"trainable": count(tiny_model.target_head), "frozen": 0}
+    assert 22_000_000 < s["text"]["frozen"] < 23_000_000  # all-MiniLM-L6-v2
+    # ViT: patch conv (3*16*16*32 + 32) + positions (4*32) + one block + final norm
+    assert s["vision"]["frozen"] > 3 * 16 * 16 * 32 + 32 + 4 * 32
+
+
+def _caption_batch(model, texts, pixels) -> dict[str, torch.Tensor]:
+    tok = model.tokenize(texts)
+    return {"pixel_values": pixels, "target_ids": tok["input_ids"], "target_mask": tok["attention_mask"]}
+
+
+def test_forward_returns_output_and_grads_only_on_trainable(tiny_model):
+    m = copy.deepcopy(tiny_model).train()
+    batch = _caption_batch(m, ["a red circle", "two blue stars", "a small green square"], _pixels(3))
+    q = m.tokenize_queries(["what color is it?", "how many?", ""])
+    batch.update(q)
+    out = m(batch)
+    assert isinstance(out, VLJepaOutput)
+    assert out.pred.shape == (3, 16) and out.target.shape == (3, 16)
+    torch.testing.assert_close(out.pred.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(out.target.norm(dim=-1), torch.ones(3))
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert set(out.metrics) == {"p2t", "t2p", "batch_acc", "temperature"}
+    assert out.metrics["temperature"] == pytest.approx(0.07, rel=1e-4)
+    out.loss.backward()
+    for name, p in m.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        else:
+            assert p.grad is None, name
+    assert m.logit_scale.grad is not None and m.logit_scale.grad != 0
+    assert m.predictor.head.weight.grad.abs().sum() > 0 and m.target_head.out.weight.grad.abs().sum() > 0
+
+
+def test_regression_loss_kind_in_forward(tiny_model):
+    m = copy.deepcopy(tiny_model)
+    m.config = copy.deepcopy(m.config)
+    m.config.loss.kind = "cosine"
+    batch = _caption_batch(m, ["a red circle", "a blue star"], _pixels(2))
+    with torch.no_grad():
+        out = m(batch)
+    torch.testing.assert_close(out.loss, (1 - (out.pred * out.target).sum(-1)).mean())
+    assert out.metrics == {}
+
+
+def test_repeated_targets_are_embedded_once_and_match_separate_targets(tiny_model):
+    m = tiny_model
+    texts = ["yes", "red", "yes", "no", "red", "yes"]
+    groups = torch.tensor([4, 2, 4, 7, 2, 4])
+    pixels = _pixels(6, seed=1)
+    batch = {**_caption_batch(m, texts, pixels), "target_groups": groups}
+    batch.update(m.tokenize_queries(["is it red?", "what color?", "is it big?", "is it small?", "color?", "any?"]))
+    calls = []
+    hook = m.target_head.register_forward_hook(lambda mod, inp, out: calls.append(out.shape[0]))
+    try:
+        with torch.no_grad():
+            out = m(batch)
+    finally:
+        hook.remove()
+    assert calls == [3]  # three distinct answers went through the head, not six
+    with torch.no_grad():
+        # Each target on its own (no padding, no sharing), then the same grouped InfoNCE.
+        separate = torch.cat([m.encode_text([t]) for t in texts])
+        pred = m.predict(pixels, query_ids=batch["query_ids"], query_mask=batch["query_mask"])
+        scale = m.logit_scale.exp().clamp(max=m.config.loss.max_logit_scale)
+        ref = info_nce(pred, separate, scale, groups)
+    torch.testing.assert_close(out.target, separate, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.loss, ref["loss"], atol=1e-5, rtol=1e-4)
+
+
+def test_cached_target_features_give_the_same_loss_as_target_ids(tiny_model):
+    from vljepa.data.collate import TextTable
+    from vljepa.embed import encode_text_features
+
+    m = tiny_model
+    texts = ["a red circle", "two big blue stars on the left", "yes"]
+    pixels = _pixels(3, seed=2)
+    feats = encode_text_features(m, texts, with_states=True, batch_size=2)
+    assert feats["offsets"].tolist()[0] == 0 and feats["states"].shape[0] == feats["offsets"][-1]
+    cached = TextTable(**feats).batch(torch.tensor([2, 0, 1]))
+    live = _caption_batch(m, [texts[2], texts[0], texts[1]], pixels)
+    with torch.no_grad():
+        a = m({"pixel_values": pixels, **cached})
+        b = m(live)
+    torch.testing.assert_close(a.target, b.target, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-4)
+
+
+def test_predict_needs_pixels_or_tokens(tiny_model):
+    with pytest.raises(ValueError, match="predict needs pixel_values or visual_tokens"):
+        tiny_model.predict()
+    tokens = tiny_model.encode_image(_pixels(2))
+    assert tokens.shape == (2, 4, 32)
+    torch.testing.assert_close(tiny_model.predict(visual_tokens=tokens), tiny_model.predict(_pixels(2)))
+    assert tiny_model.tokenize_queries(["", ""]) is None
+
+
+@pytest.fixture(scope="module")
+def saved_model(tiny_model, tmp_path_factory):
+    return tiny_model.save_pretrained(tmp_path_factory.mktemp("saved") / "model")
+
+
+def test_save_pretrained_then_from_pretrained_is_identical(tiny_model, saved_model):
+    assert {p.name for p in saved_model.iterdir()} == {"config.json", "model.safetensors", "text_encoder", "README.md"}
+    meta = json.loads((saved_model / "config.json").read_text())
+    assert meta["format"] == "vljepa" and meta["model"]["target_head"] == "token"
+    loaded = VLJepa.from_pretrained(saved_model)
+    assert not loaded.training and loaded.config == tiny_model.config
+    assert loaded.text.pooling == "mean"
+    pixels = _pixels(3, seed=3)
+    q = tiny_model.tokenize_queries(["what color is the star?", "", "how many?"])
+    texts = ["a red circle", "yes", "three small squares from left to right"]
+    with torch.no_grad():
+        assert torch.equal(loaded.predict(pixels, **q), tiny_model.predict(pixels, **q))
+        torch.testing.assert_close(loaded.encode_text(texts), tiny_model.encode_text(texts), atol=1e-6, rtol=1e-5)
+    for (name, a), (_, b) in zip(tiny_model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_from_pretrained_on_a_folder_that_is_not_a_model(tmp_path):
+    with pytest.raises(ConfigError, match=r"is not a vljepa model folder: no config\.json \(expected config\.json "
+                                          r"\(format=vljepa\), model\.safetensors and text_encoder/\)"):
+        VLJepa.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    with pytest.raises(ConfigError, match="config.json lacks format=vljepa"):
+        VLJepa.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        VLJepa.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "vljepa", "format_version": 1, "model": {}}))
+    with pytest.raises(ConfigError, match="has config.json but no model.safetensors"):
+        VLJepa.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "vljepa", "format_version": 99, "model": {}}))
+    with pytest.raises(ConfigError, match=r"written by a newer vljepa \(format 99\); upgrade vljepa"):
+        VLJepa.from_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"model '.*nowhere' not found: give a folder written by save_pretrained"):
+        VLJepa.from_pretrained(tmp_path / "nowhere")
+
+
+def test_save_pretrained_replaces_an_existing_folder_atomically(tiny_model, saved_model, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved_model, folder)
+    (folder / "stale.txt").write_text("from an older save")
+    m = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        m.predictor.head.bias.fill_(0.25)
+    assert m.save_pretrained(folder) == folder
+    assert not (folder / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old folders left
+    from safetensors.torch import load_file
+
+    assert torch.all(load_file(str(folder / "model.safetensors"))["predictor.head.bias"] == 0.25)
+
+    # A save that fails half-way leaves the previous model untouched and no temporary folder.
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    def broken_card(model):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(vljepa_module, "model_card", broken_card)
+    with torch.no_grad():
+        m.predictor.head.bias.fill_(-1.0)
+    with pytest.raises(RuntimeError, match="disk full"):
+        m.save_pretrained(folder)
+    after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
