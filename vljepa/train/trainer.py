@@ -82,10 +82,9 @@ def _work_dir(cfg: RunConfig) -> Path:
 
 def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator) -> TrainingData:
     """Records -> examples over an image table and a unique-text table, frozen towers cached."""
-    if not cfg.data.train:
-        raise ConfigError("data.train is empty; set it to a split folder (images + metadata.jsonl)")
     report = SkipReport()
-    per_task = _task_records(cfg, report)
+    with accelerator.main_process_first():  # sources in containers are unpacked once, by the main process
+        per_task = _task_records(cfg, report)
     images: dict[str, int] = {}
     texts: dict[str, int] = {}
     chunks: list[list[str]] = []  # texts first seen in each task, cached chunk by chunk
@@ -123,7 +122,8 @@ def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator)
     raw = [raw[i] for i in keep]
     weights = [weights[i] for i in keep]
     if not raw:
-        raise DataError(f"no usable training records in '{cfg.data.train}'; {report.summary()}")
+        raise DataError(f"no usable training records in {', '.join(repr(s.path) for s, _ in per_task)}; "
+                        f"{report.summary()}")
 
     if cfg.data.cache and cfg.model.text.freeze and not cfg.model.text.lora.r:
         parts = []
