@@ -158,11 +158,16 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_summary(args: argparse.Namespace) -> None:
+    import torch
+
     from vljepa.config import load_config
-    from vljepa.models.vljepa import VLJepa
+    from vljepa.models.vljepa import VLJepa, architecture_only
 
     cfg = load_config(args.config, args.overrides)
-    model = VLJepa(cfg.model, load_weights=False)
+    # Counting needs shapes only: build from config files on the meta device (no memory, no weights,
+    # no tokenizers), with the paper's Hub ids mapped to the architectures shipped in vljepa/configs/hf.
+    with torch.device("meta"):
+        model = VLJepa(architecture_only(cfg.model), load_weights=False, with_tokenizers=False)
     rows = model.parameter_summary()
     print(f"{'part':<12} {'trainable':>14} {'frozen':>14}")
     for name, c in rows.items():

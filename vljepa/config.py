@@ -34,7 +34,7 @@ class LoraConfig:
     r: int = 0
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=list)  # [] = the kind's usual attention projections
+    target_modules: list[str] = field(default_factory=list)  # [] = the kind's defaults (attention projections; pointwise convs for timm CNNs)
 
 
 @dataclass
@@ -72,7 +72,7 @@ class TextConfig:
     normalize: bool = True  # L2-normalise the pooled embedding, as sentence-transformers does
     max_length: int = 48
     freeze: bool = True
-    lr_mult: float = 0.05  # used only when freeze is false (the paper uses 0.05)
+    lr_mult: float = 0.05  # for trainable Y parameters (freeze=false, or LoRA adapters); the paper uses 0.05
     lora: LoraConfig = field(default_factory=LoraConfig)
     name: str = ""  # open_clip: model name (path then holds the pretrained tag or checkpoint file)
     trust_remote_code: bool = False  # only when you trust the model repository's code

@@ -37,7 +37,7 @@ def load_pixels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load and preprocess images -> (pixels [N, 3, H, W], ok [N] bool); bad files follow on_error."""
     to_tensor = pixel_loader(model)
-    size = model.config.vision.image_size
+    size, frames = model.config.vision.image_size, model.config.vision.num_frames
     pixels = torch.zeros(len(paths), 3, size, size)
     ok = torch.zeros(len(paths), dtype=torch.bool)
     for i, p in enumerate(paths):
@@ -47,6 +47,8 @@ def load_pixels(
             continue
         pixels[i] = to_tensor(img)
         ok[i] = True
+    if frames > 1:  # a still image shown to a video encoder: the same frame T times
+        pixels = pixels.unsqueeze(1).expand(-1, frames, -1, -1, -1)
     return pixels, ok
 
 
@@ -102,7 +104,7 @@ def encode_text_features(
     out = {"pooled": pooled}
     if with_states:
         lengths = torch.tensor([t.shape[0] for t in per_text])
-        out["states"] = torch.cat(per_text) if per_text else torch.zeros(0, model.text.hidden_size)
+        out["states"] = torch.cat(per_text) if per_text else torch.zeros(0, model.text.state_size)
         out["offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     return out
 

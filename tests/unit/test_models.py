@@ -200,7 +200,8 @@ def test_frozen_parts_are_frozen_and_stay_in_eval_mode(tiny_model):
 
 def test_parameter_summary_counts(tiny_model):
     s = tiny_model.parameter_summary()
-    assert list(s) == ["vision", "predictor", "text", "target_head"]
+    assert list(s) == ["vision", "predictor", "text", "target_head", "temperature"]
+    assert s["temperature"] == {"trainable": 1, "frozen": 0}  # the learnable InfoNCE temperature
 
     def count(module):
         return sum(p.numel() for p in module.parameters())

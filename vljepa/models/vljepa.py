@@ -1,15 +1,17 @@
-"""VLJepa: X-encoder + predictor + frozen Y-encoder + target head, and its save / load.
+"""VLJepa: X-encoder + predictor + Y-encoder + target head, and its save / load.
 
     image ──► X ──► visual tokens ─┐
     query ──► query tokens ────────┴─► predictor ──► ŝ  [B, D]
-    answer ─► Y (frozen) ──► target head ──────────► s  [B, D]      loss = InfoNCE(ŝ, s)
+    answer ─► Y ──► target head ───────────────────► s  [B, D]      loss = InfoNCE(ŝ, s)
 
 Both ``ŝ`` and ``s`` are L2-normalised. Inference needs only X and the predictor; Y and the
-head turn candidate texts into the same space for nearest-neighbour decoding.
+head turn candidate texts into the same space for nearest-neighbour decoding. Y is frozen by
+default; with LoRA adapters or ``text.freeze=false`` it runs with a graph and is trained.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -23,10 +25,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vljepa.config import ConfigError, ModelConfig, from_dict, to_dict
+from vljepa.config import ConfigError, ModelConfig, config_dir, from_dict, to_dict
 from vljepa.losses import first_occurrence, gather_no_grad, gather_with_grad, info_nce, regression_loss
-from vljepa.models.predictor import Block, build_predictor, masked_mean
-from vljepa.models.text import build_text_encoder
+from vljepa.models.predictor import Block, HFLMPredictor, build_predictor, masked_mean
+from vljepa.models.text import build_text_encoder, resolve_text_path
 from vljepa.models.vision import build_vision_encoder
 
 FORMAT = "vljepa"
@@ -81,42 +83,55 @@ class TargetHead(nn.Module):
 
 
 class VLJepa(nn.Module):
-    """A vision-language JEPA. Build from a :class:`ModelConfig`, or load with ``from_pretrained``."""
+    """A vision-language JEPA. Build from a :class:`ModelConfig`, or load with ``from_pretrained``.
 
-    def __init__(self, config: ModelConfig, *, load_weights: bool = True, text_source: str | None = None) -> None:
+    ``load_weights=False`` builds every part from its config only (random weights; works under
+    ``torch.device("meta")``); ``with_tokenizers=False`` also skips the tokenizers, for building a
+    model only to count its parameters. ``text_source`` / ``predictor_source`` / ``vision_source``
+    are the folders a saved model keeps the parts' architecture files in.
+
+    Train / eval mode: each tower keeps a frozen base in eval mode itself (``TextEncoder.train``,
+    ``VisionEncoder.train``), so ``model.train()`` is safe to call on the whole model.
+    """
+
+    def __init__(self, config: ModelConfig, *, load_weights: bool = True, text_source: str | None = None,
+                 predictor_source: str | None = None, vision_source: str | None = None,
+                 with_tokenizers: bool = True) -> None:
         super().__init__()
         self.config = config
-        self.vision = build_vision_encoder(config.vision, load_weights=load_weights)
-        self.text = build_text_encoder(config.text, load_weights=load_weights, source=text_source)
+        self.vision = build_vision_encoder(config.vision, load_weights=load_weights, source=vision_source)
+        self.text = build_text_encoder(config.text, load_weights=load_weights, source=text_source,
+                                       with_tokenizer=with_tokenizers)
+        if config.target_head == "token" and self.text.state_size is None:
+            raise ConfigError(f"model.target_head=token reads the Y-encoder's token states, which this "
+                              f"{config.text.kind} text tower does not expose; use model.target_head=linear or mlp")
         self.target_head = TargetHead(
-            kind=config.target_head, text_dim=self.text.hidden_size, embed_dim=config.embed_dim,
-            hidden=config.target_head_dim, depth=config.target_head_depth,
+            kind=config.target_head,
+            text_dim=self.text.state_size if config.target_head == "token" else self.text.hidden_size,
+            embed_dim=config.embed_dim, hidden=config.target_head_dim, depth=config.target_head_depth,
         )
+        n_visual = self.vision.num_tokens(config.vision.image_size)
+        if config.predictor.kind == "transformer" and n_visual > config.predictor.max_visual_tokens:
+            raise ConfigError(f"the X-encoder gives {n_visual} tokens per sample; set "
+                              f"model.predictor.max_visual_tokens >= {n_visual}")
         self.predictor = build_predictor(
             config.predictor, visual_dim=self.vision.out_dim, target_dim=config.embed_dim,
-            vocab_size=len(self.text.tokenizer),
+            vocab_size=self.text.vocab_size, load_weights=load_weights, source=predictor_source,
+            with_tokenizer=with_tokenizers,
         )
         init = math.log(1.0 / config.loss.temperature)
         self.logit_scale = nn.Parameter(torch.tensor(init), requires_grad=config.loss.learn_temperature)
 
-    # ------------------------------------------------------------------ modes and summaries
-
-    def train(self, mode: bool = True) -> VLJepa:
-        """Frozen towers stay in eval mode whatever the rest does."""
-        super().train(mode)
-        if self.config.vision.freeze:
-            self.vision.eval()
-        if self.config.text.freeze:
-            self.text.eval()
-        return self
+    # ------------------------------------------------------------------ summaries
 
     def parameter_summary(self) -> dict[str, dict[str, int]]:
         """Trainable and frozen parameter counts per part."""
-        parts = {"vision": self.vision, "predictor": self.predictor, "text": self.text,
-                 "target_head": self.target_head}
+        parts = {"vision": self.vision.parameters(), "predictor": self.predictor.parameters(),
+                 "text": self.text.parameters(), "target_head": self.target_head.parameters(),
+                 "temperature": iter([self.logit_scale])}
         out = {}
-        for name, module in parts.items():
-            params = list(module.parameters())
+        for name, params in parts.items():
+            params = list(params)
             out[name] = {"trainable": sum(p.numel() for p in params if p.requires_grad),
                          "frozen": sum(p.numel() for p in params if not p.requires_grad)}
         return out
@@ -125,27 +140,34 @@ class VLJepa(nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Visual tokens ``[B, N, Dv]`` from pixels ``[B, 3, H, W]``."""
-        if self.config.vision.freeze:
+        if self.vision.static:
             with torch.no_grad():
                 return self.vision(pixel_values)
         return self.vision(pixel_values)
 
     def tokenize(self, texts: list[str], *, max_length: int | None = None) -> dict[str, torch.Tensor]:
-        """Tokenise with the Y-encoder's tokenizer (queries share it)."""
-        out = self.text.tokenizer(list(texts), padding=True, truncation=True,
-                                  max_length=max_length or self.config.text.max_length, return_tensors="pt")
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+        """Tokenise target texts with the Y-encoder's tokenizer: ``input_ids`` / ``attention_mask`` ``[B, L]``."""
+        return self.text.tokenize(list(texts), max_length=max_length)
 
     def tokenize_queries(self, queries: list[str]) -> dict[str, torch.Tensor] | None:
-        """Query ids / mask ``[B, L]``, or None when every query is empty (query-free)."""
+        """Query ids / mask ``[B, L]``, or None when every query is empty (query-free).
+
+        Queries use the predictor's own tokenizer when it has one (hf_lm: the language model's),
+        otherwise the Y-encoder's (the built-in predictor embeds Y's vocabulary).
+        """
         if all(not q for q in queries):
             return None
-        tok = self.tokenize(queries, max_length=self.config.predictor.max_query_len)
+        max_length = self.config.predictor.max_query_len
+        if self.predictor.tokenizer is None:
+            tok = self.tokenize(queries, max_length=max_length)
+        else:
+            tok = self.predictor.tokenizer(list(queries), padding=True, truncation=True, max_length=max_length,
+                                           return_tensors="pt")
         return {"query_ids": tok["input_ids"], "query_mask": tok["attention_mask"]}
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """The Y-encoder's raw outputs: ``pooled`` [B, H] and, if the head needs them, ``states``/``mask``."""
-        if self.config.text.freeze:
+        if self.text.static:
             with torch.no_grad():
                 enc = self.text(input_ids, attention_mask)
         else:
@@ -249,6 +271,9 @@ class VLJepa(nn.Module):
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             self.text.save_files(tmp / "text_encoder")
+            self.vision.save_files(tmp / "vision_encoder")  # writes only for architectures from a folder / Hub
+            if isinstance(self.predictor, HFLMPredictor):
+                self.predictor.save_files(tmp / "predictor")
             (tmp / "README.md").write_text(model_card(self))
             for f in tmp.rglob("*"):
                 if f.is_file():
@@ -272,7 +297,10 @@ class VLJepa(nn.Module):
         folder = resolve_model_folder(str(name_or_path))
         meta = read_model_meta(folder)
         config = from_dict(ModelConfig, meta["model"], prefix="model.")
-        model = cls(config, load_weights=False, text_source=str(folder / "text_encoder"))
+        predictor, vision = folder / "predictor", folder / "vision_encoder"
+        model = cls(config, load_weights=False, text_source=str(folder / "text_encoder"),
+                    predictor_source=str(predictor) if predictor.is_dir() else None,
+                    vision_source=str(vision) if vision.is_dir() else None)
         state = load_file(str(folder / "model.safetensors"), device=map_location)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -324,15 +352,60 @@ def read_model_meta(folder: Path) -> dict:
 def model_card(model: VLJepa) -> str:
     """A short model card: what the parts are and how to load the model."""
     cfg = model.config
+    if cfg.predictor.kind == "hf_lm":
+        predictor = f"the last {cfg.predictor.num_layers} layers of `{cfg.predictor.path}`, bidirectional"
+    else:
+        predictor = f"{cfg.predictor.depth} layers x {cfg.predictor.dim} dims"
+    text_mode = "frozen" if cfg.text.freeze else "trained"
+    if cfg.text.lora.r:
+        text_mode += f", LoRA r={cfg.text.lora.r}"
     rows = "\n".join(f"| {name} | {c['trainable']:,} | {c['frozen']:,} |"
                      for name, c in model.parameter_summary().items())
     return (
         "---\nlibrary_name: vljepa\ntags:\n- vl-jepa\n- joint-embedding\n---\n\n"
         "# VL-JEPA model\n\n"
         f"- X-encoder: `{cfg.vision.kind}` ({'frozen' if cfg.vision.freeze else 'trained'})\n"
-        f"- Y-encoder: `{cfg.text.path}` ({cfg.text.kind}, {'frozen' if cfg.text.freeze else 'trained'})\n"
-        f"- Predictor: {cfg.predictor.depth} layers x {cfg.predictor.dim} dims; target head `{cfg.target_head}`\n"
+        f"- Y-encoder: `{cfg.text.path}` ({cfg.text.kind}, {text_mode})\n"
+        f"- Predictor: {predictor}; target head `{cfg.target_head}`\n"
         f"- Shared space: {cfg.embed_dim} dims; loss `{cfg.loss.kind}`\n\n"
         "| part | trainable | frozen |\n| --- | --- | --- |\n" + rows + "\n\n"
         "```python\nfrom vljepa import VLJepa\nmodel = VLJepa.from_pretrained(\"path/to/this/folder\")\n```\n"
     )
+
+
+# Architecture-only copies (config files, no weights, no tokenizer) of the paper's three models,
+# shipped under vljepa/configs/hf/ so the paper configuration builds and counts offline.
+SHIPPED_ARCHITECTURES = {
+    "facebook/vjepa2-vitl-fpc64-256": "hf/facebook/vjepa2-vitl-fpc64-256",
+    "meta-llama/Llama-3.2-1B": "hf/meta-llama/Llama-3.2-1B",
+    "google/embeddinggemma-300m": "hf/google/embeddinggemma-300m",
+}
+
+
+def architecture_only(config: ModelConfig) -> ModelConfig:
+    """A copy of ``config`` that builds from local files only, for counting parameters.
+
+    Hub ids listed in ``SHIPPED_ARCHITECTURES`` become the shipped folders; local folders are kept.
+    An hf X-encoder, Y-encoder or hf_lm predictor given as any other Hub id is an error (building
+    it would reach the network): point it at a local copy, where config.json (and modules.json) suffice.
+    """
+    out = copy.deepcopy(config)
+
+    def local(name: str) -> str:
+        return str(config_dir() / SHIPPED_ARCHITECTURES[name]) if name in SHIPPED_ARCHITECTURES else name
+
+    out.vision.name = local(out.vision.name)
+    out.text.path = local(out.text.path)
+    out.predictor.path = local(out.predictor.path)
+    if out.vision.kind == "hf" and not Path(out.vision.name).is_dir():
+        raise ConfigError(f"model.vision.name '{out.vision.name}' is not a local folder and has no shipped "
+                          f"architecture ({sorted(SHIPPED_ARCHITECTURES)}); point it at a local copy of the model")
+    if out.text.kind == "hf" and not Path(resolve_text_path(out.text.path)).is_dir():
+        raise ConfigError(f"model.text.path '{out.text.path}' is not a local folder and has no shipped architecture "
+                          f"({sorted(SHIPPED_ARCHITECTURES)}); point it at a local copy of the model")
+    if out.text.kind == "open_clip" and out.text.path.startswith("hf-hub:"):
+        raise ConfigError(f"model.text.path '{out.text.path}' would be fetched from the Hub; use local-dir:FOLDER")
+    if out.predictor.kind == "hf_lm" and not Path(out.predictor.path).is_dir():
+        raise ConfigError(f"model.predictor.path '{out.predictor.path}' is not a local folder and has no shipped "
+                          f"architecture ({sorted(SHIPPED_ARCHITECTURES)}); point it at a local copy of the model")
+    return out

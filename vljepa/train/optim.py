@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from vljepa.config import OptimConfig
+from vljepa.config import ModelConfig, OptimConfig
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -15,14 +15,27 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or any(k in name for k in ("embed", "pos", "logit_scale"))
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig, *, text_lr_mult: float) -> list[dict]:
-    """AdamW groups: (part lr multiplier) x (decay / no decay); frozen parameters are left out."""
-    mults = {"target_head.": cfg.head_lr_mult, "text.": text_lr_mult}
+def param_groups(model: nn.Module, cfg: OptimConfig, *, text_lr_mult: float | None = None) -> list[dict]:
+    """AdamW groups: (part lr multiplier) x (decay / no decay); frozen parameters are left out.
+
+    Trainable Y-encoder parameters get ``model.config.text.lr_mult`` (the paper's 0.05), whether
+    the whole tower is trained or only its LoRA adapters on a frozen base. ``text_lr_mult``, when
+    given, overrides it for the tower's own (non-adapter) parameters; the adapters always take the
+    configured multiplier, so a caller passing 0.0 for a frozen base still trains them.
+    """
+    text_cfg = model.config.text if isinstance(getattr(model, "config", None), ModelConfig) else None
+    configured = text_cfg.lr_mult if text_cfg is not None else 1.0
+    tower = configured if text_lr_mult is None else text_lr_mult
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        mult = next((m for prefix, m in mults.items() if name.startswith(prefix)), 1.0)
+        if name.startswith("target_head."):
+            mult = cfg.head_lr_mult
+        elif name.startswith("text."):
+            mult = configured if "lora_" in name else tower
+        else:
+            mult = 1.0
         groups.setdefault((mult, _no_decay(name, p)), []).append(p)
     return [
         {"params": ps, "lr": cfg.lr * mult, "lr_mult": mult, "weight_decay": 0.0 if nd else cfg.weight_decay}
@@ -30,7 +43,8 @@ def param_groups(model: nn.Module, cfg: OptimConfig, *, text_lr_mult: float) -> 
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, *, text_lr_mult: float) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, *, text_lr_mult: float | None = None) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`; an error when nothing is trainable."""
     groups = param_groups(model, cfg, text_lr_mult=text_lr_mult)
     if not groups:
         raise ValueError("no trainable parameters: every part of the model is frozen")

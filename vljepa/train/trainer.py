@@ -109,7 +109,7 @@ def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator)
     t0 = time.time()
     # Only towers whose outputs never change (frozen, no LoRA adapters) are encoded once and cached;
     # with data.cache=false they run inside every step instead.
-    if cfg.data.cache and cfg.model.vision.freeze and not cfg.model.vision.lora.r:
+    if cfg.data.cache and model.vision.static:
         with accelerator.main_process_first():
             visual_tokens, ok, hits["images"] = cached_image_tokens(
                 model, image_list, cache, on_error=cfg.data.on_error, report=report, precision=precision)
@@ -125,7 +125,7 @@ def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator)
         raise DataError(f"no usable training records in {', '.join(repr(s.path) for s, _ in per_task)}; "
                         f"{report.summary()}")
 
-    if cfg.data.cache and cfg.model.text.freeze and not cfg.model.text.lora.r:
+    if cfg.data.cache and model.text.static:
         parts = []
         with accelerator.main_process_first():
             for i, chunk in enumerate(c for c in chunks if c):
@@ -139,10 +139,10 @@ def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator)
     encode_seconds = time.time() - t0
 
     queries = sorted({q for _, q, _ in raw if q})
-    qtok = model.tokenize(queries, max_length=cfg.model.predictor.max_query_len) if queries else None
+    qtok = model.tokenize_queries(queries) if queries else None  # the predictor's tokenizer (Y's or an LM's)
     qids = {"": []}
     if qtok is not None:
-        for q, ids, m in zip(queries, qtok["input_ids"], qtok["attention_mask"]):
+        for q, ids, m in zip(queries, qtok["query_ids"], qtok["query_mask"]):
             qids[q] = ids[m.bool()].tolist()
     examples = Examples(image=[r[0] for r in raw], query=[qids[r[1]] for r in raw], targets=[r[2] for r in raw])
     # Sources with weights other than 1 are mixed by weight; otherwise every example once an epoch.
@@ -345,10 +345,11 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
                               cpu=not torch.cuda.is_available(), log_with=tc.log_with or None,
                               project_dir=str(out),
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    # Per-process seeds (seed + rank) for any randomness in the step; DDP copies rank 0's initial
-    # weights to every process, and the data order has its own generator seeded by train.seed, shared
-    # by all processes and then sharded, so N processes see exactly the global batch one would.
-    set_seed(tc.seed, device_specific=True)
+    # One seed on every process while the model is built, so frozen random towers (and their cached
+    # outputs) agree; per-process seeds (seed + rank) afterwards for randomness inside the step. The
+    # data order has its own generator seeded by train.seed, shared and then sharded, so N processes
+    # see exactly the global batch one process would.
+    set_seed(tc.seed, device_specific=False)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -372,9 +373,10 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
                         collate_fn=data.collator, num_workers=cfg.data.num_workers)
     if len(loader) == 0:
         raise ConfigError(f"train.batch_size={tc.batch_size} is larger than the {len(data.examples)} training examples")
-    optimizer = build_optimizer(model, cfg.optim, text_lr_mult=0.0 if cfg.model.text.freeze else cfg.model.text.lr_mult)
+    optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    set_seed(tc.seed, device_specific=True)
     return PreparedRun(accelerator, model, accelerator.unwrap_model(model), data, loader, optimizer, scheduler, started)
 
 
