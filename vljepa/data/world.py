@@ -61,6 +61,9 @@ _COLUMN_MARGIN = 0.06  # centres stay this far inside their third, so x order is
 _VERTICAL_MIN = 0.25  # "above"/"below" is asked only when centres differ by this much
 _SUPERSAMPLE = 2  # draw at 2x and downsample: anti-aliased edges at little cost
 _N_HELD_OUT = 4
+# Relations are the hardest skill (two objects found, then compared) and a scene has several, so
+# multi-object images get up to this many distinct relation questions.
+_RELATION_QUESTIONS = 3
 _COUNT_WORDS = ("zero", "one", "two", "three")
 _SPLITS = ("train", "test", "comp")
 _HELD_OUT_STREAM = len(_SPLITS)  # spawn key of the stream that picks held-out pairs
@@ -338,8 +341,16 @@ _QUESTIONS = (_q_color, _q_shape, _q_size, _q_count, _q_exist, _q_relation, _q_y
 
 
 def _questions(rng: np.random.Generator, objects: list[_Object], forbidden: set[_Pair]) -> list[_Question]:
-    """At most one question of each type; a type is left out where it would be ambiguous."""
-    return [q for ask in _QUESTIONS if (q := ask(rng, objects, forbidden)) is not None]
+    """One question of each type (up to ``_RELATION_QUESTIONS`` distinct relation questions); a
+    type is left out where it would be ambiguous."""
+    out = [q for ask in _QUESTIONS if (q := ask(rng, objects, forbidden)) is not None]
+    asked = {q[1] for q in out}
+    for _ in range(_RELATION_QUESTIONS - 1):
+        q = _q_relation(rng, objects, forbidden)
+        if q is not None and q[1] not in asked:
+            out.append(q)
+            asked.add(q[1])
+    return out
 
 
 def _write_split(

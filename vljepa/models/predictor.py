@@ -16,6 +16,8 @@ Two kinds, chosen by ``model.predictor.kind`` through ``PREDICTORS``:
 from __future__ import annotations
 
 import copy
+import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,27 @@ class Block(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
         x = x + F.dropout(self.proj(a.transpose(1, 2).reshape(b, n, d)), drop, self.training)
         return x + F.dropout(self.mlp(self.norm2(x)), drop, self.training)
+
+
+@functools.lru_cache(maxsize=16)
+def grid_position_encoding(n: int, dim: int) -> torch.Tensor | None:
+    """Fixed 2-D sine-cosine positions ``[n, dim]`` for a square grid of ``n`` tokens in raster order.
+
+    Added on top of the learned positions so that where a token sits is readable from the first
+    step: relations ("left of", "above") are decided by it. None when ``n`` is not a square.
+    """
+    side = math.isqrt(n)
+    if side * side != n or dim % 4:
+        return None
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    quarter = dim // 4
+    freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1).float() * freq[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(xs), encode(ys)], dim=1)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -121,6 +144,9 @@ class Predictor(nn.Module):
                 f"{n} visual tokens exceed model.predictor.max_visual_tokens={self.max_visual_tokens}"
             )
         x = self.visual_in(visual_tokens) + self.visual_pos[:, :n] + self.type_embed[0]
+        grid = grid_position_encoding(n, x.shape[-1])
+        if grid is not None:
+            x = x + grid.to(device=x.device, dtype=x.dtype)
         mask = None
         if query_ids is not None and query_ids.shape[1] > 0:
             q_len = query_ids.shape[1]
