@@ -58,7 +58,8 @@ def run(nproc: int, world: Path, out: Path, steps: int, batch: int, precision: s
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r][1:]
+    rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r]
+    rates = rates[1:] or rates  # the first window holds the warm-up
     return {"processes": nproc, "threads_per_process": threads, "samples_per_s": statistics.median(rates),
             "windows": len(rates), "wall_s": time.time() - t, "peak_memory_mb": rows[-1].get("peak_memory_mb")}
 
