@@ -208,7 +208,7 @@ def test_shipped_yaml_configs_all_load():
     assert stage1.model == stage2.model == load_config(config_dir() / "model" / "quickstart.yaml").model
     assert stage1.model.target_head == "token" and stage1.model.vision.kind == "efficientnet_lite0"
     assert (stage1.data.task, stage2.data.task) == ("caption", "mixed")
-    assert stage2.optim.lr == 5e-4
+    assert stage2.train.precision == stage1.train.precision == "bf16"
 
 
 def test_shipped_accelerate_configs_load_in_accelerate():
