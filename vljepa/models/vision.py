@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vljepa.config import ConfigError, VisionConfig
+from vljepa.models.lora import keep_frozen_base_in_eval
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -136,10 +137,7 @@ class VisionEncoder(nn.Module):
         """A frozen base stays in eval mode (BatchNorm statistics, dropout); LoRA dropout follows ``mode``."""
         super().train(mode)
         if self.cfg.freeze:
-            super().train(False)
-            for module in self.modules():
-                if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict):
-                    module.lora_dropout.train(mode)
+            keep_frozen_base_in_eval(self, mode)
         return self
 
 
