@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from vljepa.data.formats import CaptionRecord, VQARecord
@@ -52,3 +53,19 @@ def write_split(records: list, out: Path, *, copy: bool) -> Path:
                         "answers": list(r.answers), "type": r.type}
             f.write(json.dumps(line) + "\n")
     return path
+
+
+def convert(source, out: Path, *, copy: bool, on_error: str, noun: str) -> int:
+    """Read ``source`` (a SourceConfig) through the library's readers and write it as a split
+    folder; prints what was written and skipped. Returns the exit code."""
+    from vljepa.data.formats import DataError
+    from vljepa.data.sources import read_source
+
+    try:
+        records, report = read_source(source, on_error=on_error)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    path = write_split(records, out, copy=copy)
+    print(f"wrote {len(records)} {noun} to {path}; {report.summary()}")
+    return 0

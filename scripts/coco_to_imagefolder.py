@@ -17,11 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _split_writer import write_split  # noqa: E402
+from _split_writer import convert  # noqa: E402
 
 from vljepa.config import SourceConfig  # noqa: E402
-from vljepa.data.formats import DataError  # noqa: E402
-from vljepa.data.sources import read_source  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,14 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     source = SourceConfig(path=args.annotations, format="coco", images=args.images, task="caption",
                           max_records=args.max_records)
-    try:
-        records, report = read_source(source, on_error=args.on_error)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    path = write_split(records, Path(args.out), copy=args.copy)
-    print(f"wrote {len(records)} images to {path}; {report.summary()}")
-    return 0
+    return convert(source, Path(args.out), copy=args.copy, on_error=args.on_error, noun="images")
 
 
 if __name__ == "__main__":

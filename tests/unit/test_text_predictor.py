@@ -358,7 +358,7 @@ def gemma_st_folder(tmp_path_factory):
 
 def _manual_st_embedding(folder: Path, texts: list[str]) -> torch.Tensor:
     from safetensors.torch import load_file
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
