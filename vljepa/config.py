@@ -100,6 +100,10 @@ class LossConfig:
     temperature: float = 0.07  # initial value; learnable when learn_temperature is true
     learn_temperature: bool = True
     max_logit_scale: float = 100.0
+    # Weight of a uniformity term over the batch's distinct targets (log mean exp(-2 |t_i - t_j|^2),
+    # Wang & Isola 2020). A trainable target head can otherwise pull answers the predictor cannot yet
+    # tell apart ("yes" / "no") onto one point, after which InfoNCE has no gradient to split them.
+    target_uniformity: float = 0.0
 
 
 @dataclass
@@ -111,8 +115,10 @@ class ModelConfig:
     embed_dim: int = 256  # the shared space both heads project into
     # Target head on the Y side: "linear"/"mlp" read the pooled embedding; "token" reads the
     # Y-encoder's token states through a small transformer, which can recover word binding
-    # ("red circle, blue square" vs "blue circle, red square") that mean pooling blurs.
-    target_head: Literal["linear", "mlp", "token"] = "linear"
+    # ("red circle, blue square" vs "blue circle, red square") that mean pooling blurs; "hybrid"
+    # adds a linear map of the pooled embedding to the token path, so short answers ("yes", "no",
+    # "two") keep the pretrained encoder's distances instead of all landing near one point.
+    target_head: Literal["linear", "mlp", "token", "hybrid"] = "linear"
     target_head_dim: int = 256  # hidden width of the mlp head / width of the token head
     target_head_depth: int = 1  # transformer blocks of the token head
 

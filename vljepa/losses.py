@@ -8,6 +8,8 @@ never each other's negatives.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -82,6 +84,21 @@ def info_nce(
     with torch.no_grad():
         acc = (logits.argmax(1) == inv).float().mean()
     return {"loss": loss, "p2t": pred_to_target.detach(), "t2p": target_to_pred.detach(), "batch_acc": acc}
+
+
+def target_uniformity(target: torch.Tensor, groups: torch.Tensor | None = None, t: float = 2.0) -> torch.Tensor:
+    """Uniformity of the distinct L2-normalised targets ``[B, D]``: ``log mean exp(-t |z_i - z_j|^2)``
+    over pairs of distinct targets (Wang & Isola, 2020). Lower is more spread out; 0 with fewer than
+    two distinct targets. Repeated answers (same ``groups`` id) count once.
+    """
+    if groups is not None:
+        target = target[first_occurrence(groups)[0]]
+    n = target.shape[0]
+    if n < 2:
+        return target.sum() * 0.0
+    sq = (2 - 2 * target @ target.T).clamp_min(0)  # |a - b|^2 of unit vectors
+    i, j = torch.triu_indices(n, n, 1, device=target.device)
+    return torch.logsumexp(-t * sq[i, j].float(), 0) - math.log(i.numel())
 
 
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:

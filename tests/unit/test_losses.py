@@ -140,3 +140,27 @@ def test_gathers_are_identity_in_a_one_process_group(tmp_path):
         assert gather_no_grad(g) is g
     finally:
         dist.destroy_process_group()
+
+
+def test_target_uniformity_hand_values_and_groups():
+    from vljepa.losses import target_uniformity
+
+    e = torch.eye(3)
+    # Orthogonal unit vectors are sqrt(2) apart: log mean exp(-2 * 2) = -4.
+    assert float(target_uniformity(e)) == pytest.approx(-4.0, abs=1e-6)
+    # Identical targets give the maximum, 0; a single target has no pair and gives 0.
+    assert float(target_uniformity(e[[0, 0]])) == pytest.approx(0.0, abs=1e-6)
+    assert float(target_uniformity(e[:1])) == 0.0
+    # A repeated answer counts once: [a, a, b] with groups [0, 0, 1] is the pair (a, b) alone.
+    torch.testing.assert_close(target_uniformity(e[[0, 0, 1]], torch.tensor([0, 0, 1])), target_uniformity(e[:2]))
+    assert float(target_uniformity(e[[0, 0, 1]])) > -4.0  # without groups the duplicate pair pulls it up
+
+
+def test_target_uniformity_gradient_spreads_close_targets():
+    from vljepa.losses import target_uniformity
+
+    z = torch.tensor([[1.0, 0.05, 0.0], [1.0, -0.05, 0.0], [0.0, 0.0, 1.0]], requires_grad=True)
+    before = F.normalize(z, dim=-1)
+    target_uniformity(before).backward()
+    after = F.normalize(z - 0.1 * z.grad, dim=-1)
+    assert float(after[0] @ after[1]) < float(before[0] @ before[1])  # "yes" and "no" move apart

@@ -378,3 +378,33 @@ def test_save_pretrained_replaces_an_existing_folder_atomically(tiny_model, save
     after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_hybrid_target_head_adds_the_pooled_path(make_tiny_config):
+    torch.manual_seed(0)
+    m = VLJepa(make_tiny_config("hybrid")).train()
+    assert m.target_head.needs_states and isinstance(m.target_head.skip, torch.nn.Linear)
+    assert m.target_head.skip.in_features == m.text.hidden_size
+    texts = ["yes", "no", "a red circle"]
+    tok = m.tokenize(texts)
+    feats = m.text_features(tok["input_ids"], tok["attention_mask"])
+    z = m.embed_target(**feats)
+    # The pooled path is part of the output: zeroing it changes every embedding.
+    with torch.no_grad():
+        m.target_head.skip.weight.zero_()
+        m.target_head.skip.bias.zero_()
+    assert not torch.allclose(m.embed_target(**feats), z)
+
+
+def test_target_uniformity_term_enters_the_loss(make_tiny_config):
+    torch.manual_seed(0)
+    m = VLJepa(make_tiny_config("hybrid", "model.loss.target_uniformity=0.5")).train()
+    batch = _caption_batch(m, ["yes", "no", "yes"], _pixels(3))
+    batch["target_groups"] = torch.tensor([0, 1, 0])
+    out = m(batch)
+    assert "uniformity" in out.metrics
+    plain = m.loss_terms(out.pred, out.target, batch["target_groups"])
+    base = info_nce(out.pred, out.target, m.logit_scale.exp(), batch["target_groups"])["loss"]
+    torch.testing.assert_close(plain["loss"], base + 0.5 * plain["uniformity"])
+    out.loss.backward()
+    assert m.target_head.skip.weight.grad.abs().sum() > 0

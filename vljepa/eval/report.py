@@ -8,7 +8,10 @@ Keys of the report (all fractions in [0, 1]):
 - ``classify``: ``top1``, ``top5``, ``n``, ``per_class_top1`` over images with a ``label``; class
   embeddings average the prompt templates (``eval.templates``).
 - ``vqa``: ``accuracy``, ``n``, ``per_type`` {type: {accuracy, n}}; the answer is the nearest
-  candidate in a bank of the split's answers (or ``eval.candidates``) encoded by Y + head.
+  candidate in a bank of the split's canonical answers (each record's ``answer``; or the file
+  ``eval.candidates``) encoded by Y + head. The other accepted spellings (``answers``: "2" next to
+  "two") still count as hits but are not candidates: they would only add near-duplicates the
+  model was never trained towards.
 - ``skipped``: records and images skipped under ``data.on_error=skip``, by reason.
 """
 
@@ -104,7 +107,7 @@ def evaluate(model: VLJepa, split: str | Path, cfg: EvalConfig, *, on_error: str
             results["classify"] = classification_metrics(preds[labelled], class_emb, labels, classnames=classnames)
     questions = [r for r in questions if r.image in row]
     if questions:
-        bank = answer_bank(model, sorted({a for r in questions for a in r.answers}), cfg)
+        bank = answer_bank(model, sorted({r.answer for r in questions}), cfg)
         preds = predict_batched(model, tokens, [row[r.image] for r in questions], [r.question for r in questions],
                                 batch_size=cfg.batch_size, precision=cfg.precision)
         answers = [texts[0] for texts in bank.decode(preds, k=1)]

@@ -112,6 +112,10 @@ class Predictor(nn.Module):
         self.query_embed = nn.Embedding(vocab_size, dim)
         self.query_pos = nn.Parameter(torch.zeros(1, max_query_len, dim))
         self.type_embed = nn.Parameter(torch.zeros(2, dim))  # 0 = visual, 1 = query
+        # Query tokens start at the scale of the visual tokens (which leave visual_in at O(1)): word
+        # embeddings at init scale 0.02 would be drowned by the first attention over the image, and
+        # the predictor could not tell "is there a red circle?" from "is there a blue star?".
+        self.query_norm = nn.LayerNorm(dim)
         for p in (self.visual_pos, self.query_pos, self.type_embed):
             nn.init.trunc_normal_(p, std=0.02)
         nn.init.normal_(self.query_embed.weight, std=0.02)
@@ -152,7 +156,7 @@ class Predictor(nn.Module):
             q_len = query_ids.shape[1]
             if q_len > self.max_query_len:
                 raise ConfigError(f"query of {q_len} tokens exceeds model.predictor.max_query_len={self.max_query_len}")
-            q = self.query_embed(query_ids) + self.query_pos[:, :q_len] + self.type_embed[1]
+            q = self.query_norm(self.query_embed(query_ids) + self.query_pos[:, :q_len] + self.type_embed[1])
             x = torch.cat([x, q], dim=1)
             if query_mask is None:
                 query_mask = torch.ones_like(query_ids)

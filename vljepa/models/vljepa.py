@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vljepa.config import ConfigError, ModelConfig, config_dir, from_dict, to_dict
-from vljepa.losses import first_occurrence, gather_no_grad, gather_with_grad, info_nce, regression_loss
+from vljepa.losses import (first_occurrence, gather_no_grad, gather_with_grad, info_nce, regression_loss,
+                           target_uniformity)
 from vljepa.models.predictor import Block, HFLMPredictor, build_predictor, masked_mean
 from vljepa.models.text import build_text_encoder, resolve_text_path
 from vljepa.models.vision import build_vision_encoder
@@ -48,38 +49,43 @@ class VLJepaOutput:
 class TargetHead(nn.Module):
     """Projects the Y-encoder's output into the shared space.
 
-    ``linear`` and ``mlp`` read the pooled sentence embedding; ``token`` reads the token states.
+    ``linear`` and ``mlp`` read the pooled sentence embedding; ``token`` reads the token states;
+    ``hybrid`` is ``token`` plus a linear map of the pooled embedding (``pooled_dim`` wide).
     """
 
-    def __init__(self, *, kind: str, text_dim: int, embed_dim: int, hidden: int, depth: int) -> None:
+    def __init__(self, *, kind: str, text_dim: int, embed_dim: int, hidden: int, depth: int,
+                 pooled_dim: int | None = None) -> None:
         super().__init__()
         self.kind = kind
         if kind == "linear":
             self.net = nn.Linear(text_dim, embed_dim)
         elif kind == "mlp":
             self.net = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
-        elif kind == "token":
+        elif kind in ("token", "hybrid"):
             self.inp = nn.Linear(text_dim, hidden)
             self.blocks = nn.ModuleList(Block(dim=hidden, heads=max(1, hidden // 64), mlp_ratio=2.0, dropout=0.0)
                                         for _ in range(depth))
             self.norm = nn.LayerNorm(hidden)
             self.out = nn.Linear(hidden, embed_dim)
+            if kind == "hybrid":
+                self.skip = nn.Linear(pooled_dim or text_dim, embed_dim)
         else:
-            raise ConfigError(f"unknown model.target_head '{kind}'; use linear, mlp or token")
+            raise ConfigError(f"unknown model.target_head '{kind}'; use linear, mlp, token or hybrid")
 
     @property
     def needs_states(self) -> bool:
-        return self.kind == "token"
+        return self.kind in ("token", "hybrid")
 
     def forward(self, pooled: torch.Tensor | None, states: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kind != "token":
+        if self.kind in ("linear", "mlp"):
             return self.net(pooled)
         x = self.inp(states)
         key_mask = None if mask is None else mask.bool()
         for block in self.blocks:
             x = block(x, key_mask)
-        return self.out(masked_mean(self.norm(x), key_mask))
+        z = self.out(masked_mean(self.norm(x), key_mask))
+        return z + self.skip(pooled) if self.kind == "hybrid" else z
 
 
 class VLJepa(nn.Module):
@@ -102,13 +108,14 @@ class VLJepa(nn.Module):
         self.vision = build_vision_encoder(config.vision, load_weights=load_weights, source=vision_source)
         self.text = build_text_encoder(config.text, load_weights=load_weights, source=text_source,
                                        with_tokenizer=with_tokenizers)
-        if config.target_head == "token" and self.text.state_size is None:
-            raise ConfigError(f"model.target_head=token reads the Y-encoder's token states, which this "
+        if self.target_needs_states(config) and self.text.state_size is None:
+            raise ConfigError(f"model.target_head={config.target_head} reads the Y-encoder's token states, which this "
                               f"{config.text.kind} text tower does not expose; use model.target_head=linear or mlp")
         self.target_head = TargetHead(
             kind=config.target_head,
-            text_dim=self.text.state_size if config.target_head == "token" else self.text.hidden_size,
+            text_dim=self.text.state_size if self.target_needs_states(config) else self.text.hidden_size,
             embed_dim=config.embed_dim, hidden=config.target_head_dim, depth=config.target_head_depth,
+            pooled_dim=self.text.hidden_size,
         )
         n_visual = self.vision.num_tokens(config.vision.image_size)
         if config.predictor.kind == "transformer" and n_visual > config.predictor.max_visual_tokens:
@@ -121,6 +128,10 @@ class VLJepa(nn.Module):
         )
         init = math.log(1.0 / config.loss.temperature)
         self.logit_scale = nn.Parameter(torch.tensor(init), requires_grad=config.loss.learn_temperature)
+
+    @staticmethod
+    def target_needs_states(config: ModelConfig) -> bool:
+        return config.target_head in ("token", "hybrid")
 
     # ------------------------------------------------------------------ summaries
 
@@ -243,7 +254,7 @@ class VLJepa(nn.Module):
         if not with_loss:
             return VLJepaOutput(pred=pred, target=target)
         terms = self.loss_terms(pred, target, groups)
-        metrics = {k: float(v) for k, v in terms.items() if k != "loss"}
+        metrics = {k: float(v.detach()) for k, v in terms.items() if k != "loss"}
         return VLJepaOutput(pred=pred, target=target, loss=terms["loss"], metrics=metrics)
 
     def loss_terms(self, pred: torch.Tensor, target: torch.Tensor,
@@ -253,8 +264,12 @@ class VLJepa(nn.Module):
         if loss_cfg.kind != "infonce":
             return regression_loss(pred, target, loss_cfg.kind)
         scale = self.logit_scale.exp().clamp(max=loss_cfg.max_logit_scale)
-        terms = info_nce(gather_with_grad(pred), gather_with_grad(target), scale,
-                         None if groups is None else gather_no_grad(groups))
+        all_target = gather_with_grad(target)
+        all_groups = None if groups is None else gather_no_grad(groups)
+        terms = info_nce(gather_with_grad(pred), all_target, scale, all_groups)
+        if loss_cfg.target_uniformity > 0:
+            terms["uniformity"] = target_uniformity(all_target, all_groups)
+            terms["loss"] = terms["loss"] + loss_cfg.target_uniformity * terms["uniformity"]
         terms["temperature"] = (1.0 / scale).detach()
         return terms
 

@@ -387,7 +387,7 @@ def forward_backward(run: PreparedRun, batch: dict, cfg: RunConfig) -> tuple[tor
     """
     if cfg.train.grad_cache_chunk:
         terms = _grad_cache_backward(run.model, run.raw_model, batch, cfg.train.grad_cache_chunk, run.accelerator)
-        return terms["loss"], {k: float(v) for k, v in terms.items() if k != "loss"}
+        return terms["loss"], {k: float(v.detach()) for k, v in terms.items() if k != "loss"}
     output = run.model(batch)
     if torch.isfinite(output.loss):
         run.accelerator.backward(output.loss)
