@@ -134,6 +134,9 @@ class SourceConfig:
     images: str = ""  # coco / vqa formats: the folder the image files live in
     split: str = "train"  # hf: which split of the dataset
     max_records: int = 0  # 0 = all
+    # vqa: keep only questions of these types (e.g. [relation]); empty = all. With a second, unfiltered
+    # source of the same data this up-weights the hard question types in the mixture.
+    types: list[str] = field(default_factory=list)
     streaming: bool = False  # hf: stream instead of downloading the whole dataset (reads max_records)
 
 
@@ -169,7 +172,9 @@ class TrainConfig:
     batch_size: int = 256
     grad_accum: int = 1
     max_steps: int = 1000
-    precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto = bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16 / AMX),
+    # else full precision: emulated bf16 on an AVX2-only CPU is several times slower than fp32.
+    precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     log_every: int = 50
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
@@ -192,7 +197,7 @@ class EvalConfig:
     templates: list[str] = field(default_factory=lambda: ["a {}.", "a photo of a {}.", "there is a {}."])
     classnames: list[str] = field(default_factory=list)  # zero-shot classes ([] = the labels in the split)
     candidates: str = ""  # optional file with one candidate answer a line (VQA bank)
-    precision: Literal["no", "bf16", "fp16"] = "no"  # autocast for encoding during evaluation
+    precision: Literal["no", "bf16", "fp16", "auto"] = "no"  # autocast for encoding during evaluation
 
 
 @dataclass

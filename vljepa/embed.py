@@ -19,8 +19,32 @@ from vljepa.data.transforms import image_transform
 from vljepa.models.vljepa import VLJepa
 
 
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX (read from /proc/cpuinfo; False where that file does not exist)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    """``auto`` -> ``bf16`` where :func:`native_bf16`, else ``no``; other values unchanged."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "no"
+    return precision
+
+
 def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
-    """bf16 / fp16 autocast on the model's device, or nothing for full precision."""
+    """bf16 / fp16 autocast on the model's device (``auto`` as :func:`resolve_precision`), or nothing."""
+    precision = resolve_precision(precision, device)
     if precision in ("bf16", "fp16"):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(torch.device(device).type, dtype=dtype)

@@ -77,8 +77,11 @@ def run_quickstart(out: str | Path, *, small: bool = False, overrides: list[str]
 
     t = time.time()
     train_split = world / "train"
+    # Captions keep retrieval from fading; the relation questions (two objects found, then compared)
+    # are the slowest skill, so a second, relation-only VQA source gives them more of the updates.
     mixture = (f"data.sources=[{{path: '{train_split}', task: caption, weight: 1}}, "
-               f"{{path: '{train_split}', task: vqa, weight: 3}}]")
+               f"{{path: '{train_split}', task: vqa, weight: 2}}, "
+               f"{{path: '{train_split}', task: vqa, types: [relation], weight: 1.5}}]")
     stage2 = load_config(config_dir() / "train" / "quickstart_stage2.yaml",
                          [c for c in common if not c.startswith("data.train=")]
                          + [mixture, f"train.output_dir={out / 'stage2'}", f"train.init_from={r1.model_dir}"] + extra)

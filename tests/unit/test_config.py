@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from vljepa.config import (
     ConfigError,
@@ -107,7 +108,7 @@ def test_wrong_type_names_the_key(override, message):
     [
         ("data.task=captions", "data.task", "['caption', 'vqa', 'mixed']"),
         ("model.loss.kind=mse", "model.loss.kind", "['infonce', 'cosine', 'l2', 'smooth_l1']"),
-        ("train.precision=fp8", "train.precision", "['no', 'bf16', 'fp16']"),
+        ("train.precision=fp8", "train.precision", "['no', 'bf16', 'fp16', 'auto']"),
         ("data.on_error=ignore", "data.on_error", "['stop', 'skip']"),
     ],
 )
@@ -204,11 +205,15 @@ def test_shipped_yaml_configs_all_load():
         assert isinstance(load_config(f), RunConfig), f
     stage1 = load_config(config_dir() / "train" / "quickstart_stage1.yaml")
     stage2 = load_config(config_dir() / "train" / "quickstart_stage2.yaml")
-    # Both stages inherit the quickstart model through `base:`.
-    assert stage1.model == stage2.model == load_config(config_dir() / "model" / "quickstart.yaml").model
-    assert stage1.model.target_head == "token" and stage1.model.vision.kind == "efficientnet_lite0"
+    # Both stages inherit the quickstart model through `base:` (stage 2 can start from stage 1's weights);
+    # only the loss differs: stage 2 adds the target-uniformity term.
+    model = load_config(config_dir() / "model" / "quickstart.yaml").model
+    assert stage1.model == model
+    assert dataclasses.replace(stage2.model, loss=stage1.model.loss) == model
+    assert (stage1.model.loss.target_uniformity, stage2.model.loss.target_uniformity) == (0.0, 1.0)
+    assert stage1.model.target_head == "hybrid" and stage1.model.vision.kind == "efficientnet_lite0"
     assert (stage1.data.task, stage2.data.task) == ("caption", "mixed")
-    assert stage2.train.precision == stage1.train.precision == "bf16"
+    assert stage2.train.precision == stage1.train.precision == "auto"
 
 
 def test_shipped_accelerate_configs_load_in_accelerate():
@@ -219,3 +224,32 @@ def test_shipped_accelerate_configs_load_in_accelerate():
     for f in files:
         cfg = load_config_from_file(str(f))
         assert cfg.num_processes >= 1 and cfg.mixed_precision in ("no", "bf16", "fp16"), f
+
+
+def test_precision_auto_resolves_to_what_the_machine_runs(monkeypatch):
+    import builtins
+    import io
+
+    from vljepa import embed
+    from vljepa.train.trainer import with_resolved_precision
+
+    def cpuinfo(flags):
+        real_open = builtins.open
+
+        def fake_open(path, *a, **kw):
+            if path == "/proc/cpuinfo":
+                return io.StringIO(f"processor\t: 0\nflags\t\t: {flags}\n")
+            return real_open(path, *a, **kw)
+        return fake_open
+
+    monkeypatch.setattr(builtins, "open", cpuinfo("fpu sse avx2 fma"))
+    assert not embed.native_bf16("cpu") and embed.resolve_precision("auto", "cpu") == "no"
+    monkeypatch.setattr(builtins, "open", cpuinfo("avx2 avx512f avx512_bf16"))
+    assert embed.native_bf16("cpu") and embed.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(builtins, "open", cpuinfo("avx2 amx_bf16 amx_tile"))
+    assert embed.resolve_precision("auto", "cpu") == "bf16"
+    assert embed.resolve_precision("fp16", "cpu") == "fp16" and embed.resolve_precision("no", "cpu") == "no"
+    cfg = load_config(None, ["train.precision=auto"])
+    if not torch.cuda.is_available():
+        assert with_resolved_precision(cfg).train.precision == "bf16"
+    assert load_config(None, ["eval.precision=auto"]).eval.precision == "auto"

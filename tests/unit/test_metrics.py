@@ -218,3 +218,13 @@ def test_vqa_metrics_errors():
         vqa_metrics(["a", "b"], [["a"]], ["t", "t"])
     with pytest.raises(TypeError, match=r"wrap it as \['red'\]"):
         vqa_metrics(["r"], ["red"], ["color"])
+
+
+def test_vqa_candidates_are_the_canonical_answers():
+    from vljepa.data.formats import VQARecord
+    from vljepa.eval.report import candidate_answers
+
+    recs = [VQARecord("a.png", "how many stars?", "two", ("two", "2"), "count", 0),
+            VQARecord("a.png", "is it red?", "yes", ("yes",), "yesno", 1),
+            VQARecord("b.png", "how many circles?", "two", ("two", "2"), "count", 2)]
+    assert candidate_answers(recs) == ["two", "yes"]

@@ -3,6 +3,7 @@ it and the fix, or is skipped and counted."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -192,3 +193,22 @@ def test_skip_report():
     d = report.to_dict()
     assert d["total"] == 8 and d["counts"] == {"image not found": 7, "invalid JSON": 1}
     assert json.loads(json.dumps(d)) == d
+
+
+def test_source_types_filter_keeps_only_those_questions(tmp_path):
+    from vljepa.config import load_config
+    from vljepa.data.sources import read_source
+
+    _split(tmp_path, [{"file_name": "images/a.png", "captions": ["a red circle"]}])
+    _split(tmp_path, [
+        {"file_name": "images/a.png", "question": "what color is it?", "answer": "red", "type": "color"},
+        {"file_name": "images/a.png", "question": "is it left of b?", "answer": "yes", "type": "relation"},
+        {"file_name": "images/b.png", "question": "is b left of a?", "answer": "no", "type": "relation"},
+    ], file="questions.jsonl")
+    cfg = load_config(None, [f"data.sources=[{{path: '{tmp_path}', task: vqa, types: [relation]}}]"])
+    records, _ = read_source(cfg.data.sources[0])
+    assert [r.answer for r in records] == ["yes", "no"] and {r.type for r in records} == {"relation"}
+    with pytest.raises(DataError, match=r"no question has a type in \['count'\]; its types are \['color', 'relation'\]"):
+        read_source(dataclasses.replace(cfg.data.sources[0], types=["count"]))
+    with pytest.raises(DataError, match="needs task: vqa"):
+        read_source(dataclasses.replace(cfg.data.sources[0], task="caption"))

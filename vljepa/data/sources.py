@@ -273,6 +273,7 @@ def read_source(
     ordinary files and a second read reuses them. Every bad record raises :class:`DataError`
     (``on_error="stop"``) or is counted in the returned :class:`SkipReport` (``"skip"``).
     ``source.max_records`` > 0 keeps the first records read (hf sources read only that many rows).
+    ``source.types`` (VQA) keeps only questions of those types; a filter that keeps nothing is an error.
     """
     _check_on_error(on_error)
     if source.task not in ("caption", "vqa"):
@@ -297,6 +298,15 @@ def read_source(
             f"data source '{source.path}': unknown format '{fmt}'; use one of auto, imagefolder, coco, "
             "vqa, webdataset, hf, hf_disk"
         )
+    if source.types:
+        if source.task != "vqa":
+            raise DataError(f"data source '{source.path}': types={list(source.types)} filters questions; "
+                            "it needs task: vqa")
+        found = sorted({r.type for r in records})
+        records = [r for r in records if r.type in source.types]
+        if not records:
+            raise DataError(f"data source '{source.path}': no question has a type in {list(source.types)}; "
+                            f"its types are {found}")
     if source.max_records > 0:
         records = records[: source.max_records]
     return records, problem.report

@@ -107,13 +107,22 @@ def evaluate(model: VLJepa, split: str | Path, cfg: EvalConfig, *, on_error: str
             results["classify"] = classification_metrics(preds[labelled], class_emb, labels, classnames=classnames)
     questions = [r for r in questions if r.image in row]
     if questions:
-        bank = answer_bank(model, sorted({r.answer for r in questions}), cfg)
+        bank = answer_bank(model, candidate_answers(questions), cfg)
         preds = predict_batched(model, tokens, [row[r.image] for r in questions], [r.question for r in questions],
                                 batch_size=cfg.batch_size, precision=cfg.precision)
         answers = [texts[0] for texts in bank.decode(preds, k=1)]
         results["vqa"] = vqa_metrics(answers, [r.answers for r in questions], [r.type for r in questions])
     results["skipped"] = report.to_dict()
     return results
+
+
+def candidate_answers(questions: list) -> list[str]:
+    """The default VQA candidates: the distinct canonical answers (``answer``) of the records, sorted.
+
+    Alternative spellings in ``answers`` ("2" for "two") are accepted when scoring but are not
+    candidates: the model is trained towards the canonical answer only.
+    """
+    return sorted({r.answer for r in questions})
 
 
 def answer_bank(model: VLJepa, answers: list[str], cfg: EvalConfig) -> CandidateBank:

@@ -7,6 +7,7 @@ resolved config, a JSONL metrics log, checkpoints (``save_state``) and the final
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -27,7 +28,7 @@ from vljepa.data.cache import EmbeddingCache
 from vljepa.data.collate import Collator, ExampleIndex, Examples, TextTable
 from vljepa.data.formats import DataError, SkipReport
 from vljepa.data.sources import load_image, read_source
-from vljepa.embed import cached_image_tokens, cached_text_features, pixel_loader
+from vljepa.embed import cached_image_tokens, cached_text_features, pixel_loader, resolve_precision
 from vljepa.models.vljepa import VLJepa, read_model_meta
 from vljepa.train.optim import build_optimizer, build_scheduler
 
@@ -334,8 +335,20 @@ class PreparedRun:
     started: float
 
 
+def with_resolved_precision(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``train.precision=auto`` replaced by what this machine runs (see ``resolve_precision``)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(cfg.train.precision, device)
+    if precision == cfg.train.precision:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+
+
 def prepare_run(cfg: RunConfig) -> PreparedRun:
-    """Accelerator, model (optionally from train.init_from), data, loader, optimizer and schedule."""
+    """Accelerator, model (optionally from train.init_from), data, loader, optimizer and schedule.
+
+    ``train.precision=auto`` is resolved here; the run's ``config.yaml`` records what ran."""
+    cfg = with_resolved_precision(cfg)
     tc = cfg.train
     out = Path(tc.output_dir)
     # A seedable sampler draws each epoch's order from (train.seed, epoch) alone, so a run resumed in
