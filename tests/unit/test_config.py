@@ -234,6 +234,7 @@ def test_precision_auto_resolves_to_what_the_machine_runs(monkeypatch):
     from vljepa.train.trainer import with_resolved_precision
 
     def cpuinfo(flags):
+        embed._cpu_flags.cache_clear()  # the flags are read once per process; each case reads anew
         real_open = builtins.open
 
         def fake_open(path, *a, **kw):
@@ -253,3 +254,4 @@ def test_precision_auto_resolves_to_what_the_machine_runs(monkeypatch):
     if not torch.cuda.is_available():
         assert with_resolved_precision(cfg).train.precision == "bf16"
     assert load_config(None, ["eval.precision=auto"]).eval.precision == "auto"
+    embed._cpu_flags.cache_clear()  # leave no fake flags behind for later tests
