@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
     p.add_argument("--small", action="store_true",
                    help="a tiny world and a few steps: checks the pipeline in about a minute, numbers are meaningless")
+    p.add_argument("--processes", type=int, default=0,
+                   help="training processes per stage, launched with `accelerate launch` when more than one "
+                        "(default 0 = automatic: one per GPU; on a CPU two single-threaded processes once there "
+                        "are two or more cores)")
 
     p = sub.add_parser("world", help="generate the built-in procedural world (images + metadata.jsonl)",
                        description="Write a seeded world of 1-3 coloured shapes per image with paraphrased captions "
@@ -178,7 +182,7 @@ def _cmd_summary(args: argparse.Namespace) -> None:
 def _cmd_quickstart(args: argparse.Namespace) -> None:
     from vljepa.quickstart import run_quickstart
 
-    run_quickstart(args.out, small=args.small, overrides=args.overrides)
+    run_quickstart(args.out, small=args.small, overrides=args.overrides, processes=args.processes)
 
 
 TAKES_OVERRIDES = {"quickstart", "train", "eval", "summary"}

@@ -92,6 +92,9 @@ class PredictorConfig:
     dropout: float = 0.0
     max_query_len: int = 32
     max_visual_tokens: int = 256
+    # transformer: learned tokens appended to every sequence (not pooled); attention can rest on them
+    # when nothing in the image matches the query (Darcet et al., 2024, "registers").
+    registers: int = 0
 
 
 @dataclass
@@ -104,6 +107,13 @@ class LossConfig:
     # Wang & Isola 2020). A trainable target head can otherwise pull answers the predictor cannot yet
     # tell apart ("yes" / "no") onto one point, after which InfoNCE has no gradient to split them.
     target_uniformity: float = 0.0
+    # Weight of a term that keeps distinct targets at least as far apart as the frozen Y-encoder puts
+    # them: for each distinct target, its largest excess of head cosine over Y cosine to another target
+    # in the batch. The head may separate texts Y confuses ("red circle left of blue square" vs the
+    # swapped one) but not merge texts Y tells apart (Y: cos("yes", "no") = 0.73; a caption-trained head
+    # maps them to 0.98; while the predictor cannot yet tell them apart, InfoNCE pulls both onto the
+    # same prediction, and the uniformity term, averaged over all pairs, barely pushes back).
+    target_spread: float = 0.0
 
 
 @dataclass

@@ -101,6 +101,24 @@ def target_uniformity(target: torch.Tensor, groups: torch.Tensor | None = None, 
     return torch.logsumexp(-t * sq[i, j].float(), 0) - math.log(i.numel())
 
 
+def target_spread(target: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """How much the head merges texts the Y-encoder keeps apart, for distinct targets ``[U, D]``.
+
+    ``teacher`` ``[U, H]`` are the Y-encoder's pooled embeddings of the same texts. For each target:
+    the largest ``max(0, cos_head - cos_Y)`` over the other targets; summed over targets, so a merged
+    pair is pushed apart with full weight however many other targets the batch holds (a uniformity
+    term averages over all pairs: one merged pair among a thousand barely moves). 0 with fewer than two.
+    """
+    n = target.shape[0]
+    if n < 2:
+        return target.sum() * 0.0
+    t = F.normalize(target.float(), dim=-1)
+    y = F.normalize(teacher.float(), dim=-1)
+    excess = (t @ t.T - (y @ y.T).detach()).clamp_min(0)
+    excess = excess.masked_fill(torch.eye(n, dtype=torch.bool, device=t.device), 0.0)
+    return excess.max(dim=1).values.sum()
+
+
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
     """Cosine, L2 or smooth-L1 distance between normalised embeddings (no negatives)."""
     if kind == "cosine":

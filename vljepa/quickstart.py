@@ -8,14 +8,20 @@ through the same readers.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from vljepa.config import EvalConfig, config_dir, load_config, to_dict
+import torch
+
+from vljepa.config import ConfigError, EvalConfig, RunConfig, config_dir, load_config, save_config, to_dict
 from vljepa.data.world import generate_world
 from vljepa.eval.report import evaluate, format_table
 from vljepa.models.vljepa import VLJepa
-from vljepa.train.trainer import train
+from vljepa.train.trainer import cache_frozen_towers, train, with_resolved_precision
 
 FULL = {"n_train": 8000, "n_test": 1000, "n_comp": 500}
 SMALL = {"n_train": 240, "n_test": 60, "n_comp": 40}
@@ -39,11 +45,54 @@ def _world(root: Path, sizes: dict[str, int], seed: int) -> Path:
         info = json.loads(meta.read_text())
         wanted = {"train": sizes["n_train"], "test": sizes["n_test"], "comp": sizes["n_comp"]}
         if info.get("seed") == seed and info.get("splits") == wanted:
-            print(f"[quickstart] reusing the world in {root}")
+            print(f"[quickstart] reusing the world in {root}", flush=True)
             return root
-    print(f"[quickstart] generating the world in {root}")
+    print(f"[quickstart] generating the world in {root}", flush=True)
     generate_world(root, seed=seed, **sizes)
     return root
+
+
+def default_processes() -> int:
+    """Training processes the quickstart launches: one per GPU; on a CPU, two once there are 2+ cores.
+
+    On a small CPU one process uses its cores poorly (a 128-wide predictor's matrices are too small to
+    keep two threads busy); two single-threaded processes with half the batch each run the same global
+    batch faster, through the same Accelerate (gloo) path as multi-GPU training.
+    """
+    if torch.cuda.is_available():
+        return max(1, torch.cuda.device_count())
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_stage(cfg: RunConfig, processes: int) -> Path:
+    """Train one stage, in this process or under ``accelerate launch``; returns its model folder."""
+    if processes <= 1:
+        return train(cfg).model_dir
+    cfg = with_resolved_precision(cfg)
+    out = Path(cfg.train.output_dir)
+    # Frozen towers are encoded here, with every core, into the cache the launched processes read.
+    cache_frozen_towers(cfg)
+    config_file = save_config(cfg, out.with_name(out.name + ".yaml"))
+    # --multi_gpu is accelerate launch's multi-process launcher; without GPUs it starts CPU processes
+    # (gloo). Its --cpu flag would start a single process.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", cfg.train.precision, "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "vljepa.cli", "train", "--config", str(config_file)]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    sys.stdout.flush()  # what this process printed comes before the launched processes' output
+    done = subprocess.run(cmd, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"training stage '{out}' failed under accelerate launch (exit code {done.returncode}); "
+                           f"its config is {config_file}. Rerun with --processes 1 to train in this process.")
+    return out / "model"
 
 
 def _check(results: dict) -> dict[str, dict]:
@@ -58,8 +107,16 @@ def _check(results: dict) -> dict[str, dict]:
     return {k: {"value": v, "target": TARGETS[k], "met": v >= TARGETS[k]} for k, v in measured.items()}
 
 
-def run_quickstart(out: str | Path, *, small: bool = False, overrides: list[str] | None = None, seed: int = 0) -> dict:
-    """Run the whole quickstart under ``out``; returns (and writes to ``out/metrics.json``) the metrics."""
+def run_quickstart(out: str | Path, *, small: bool = False, overrides: list[str] | None = None, seed: int = 0,
+                   processes: int = 0) -> dict:
+    """Run the whole quickstart under ``out``; returns (and writes to ``out/metrics.json``) the metrics.
+
+    ``processes``: training processes per stage (0 = :func:`default_processes`); with more than one,
+    each stage runs under ``accelerate launch`` with the same global batch.
+    """
+    if processes < 0:
+        raise ConfigError(f"--processes {processes}: give 0 (automatic) or a positive number of processes")
+    processes = processes or default_processes()
     out = Path(out)
     start = time.time()
     timings: dict[str, float] = {}
@@ -71,8 +128,8 @@ def run_quickstart(out: str | Path, *, small: bool = False, overrides: list[str]
     t = time.time()
     stage1 = load_config(config_dir() / "train" / "quickstart_stage1.yaml",
                          common + [f"train.output_dir={out / 'stage1'}"] + extra)
-    print("[quickstart] stage 1: query-free caption pretraining")
-    r1 = train(stage1)
+    print("[quickstart] stage 1: query-free caption pretraining", flush=True)
+    stage1_model = _train_stage(stage1, processes)
     timings["stage1"] = time.time() - t
 
     t = time.time()
@@ -84,13 +141,13 @@ def run_quickstart(out: str | Path, *, small: bool = False, overrides: list[str]
                f"{{path: '{train_split}', task: vqa, types: [relation], weight: 1.5}}]")
     stage2 = load_config(config_dir() / "train" / "quickstart_stage2.yaml",
                          [c for c in common if not c.startswith("data.train=")]
-                         + [mixture, f"train.output_dir={out / 'stage2'}", f"train.init_from={r1.model_dir}"] + extra)
-    print("[quickstart] stage 2: VQA fine-tuning (mixed with captions)")
-    r2 = train(stage2)
+                         + [mixture, f"train.output_dir={out / 'stage2'}", f"train.init_from={stage1_model}"] + extra)
+    print("[quickstart] stage 2: VQA fine-tuning (mixed with captions)", flush=True)
+    stage2_model = _train_stage(stage2, processes)
     timings["stage2"] = time.time() - t
 
     t = time.time()
-    model = VLJepa.from_pretrained(r2.model_dir)
+    model = VLJepa.from_pretrained(stage2_model)
     precision = stage2.train.precision
     classes = json.loads((world / "world.json").read_text())["classes"]  # all 24 colour-shape pairs
     results = {
@@ -104,6 +161,7 @@ def run_quickstart(out: str | Path, *, small: bool = False, overrides: list[str]
     timings["total"] = time.time() - start
     acceptance = _check(results)
     metrics = {"results": results, "acceptance": acceptance, "timings_s": timings, "small": small,
+               "processes": processes,
                "stage1": to_dict(stage1), "stage2": to_dict(stage2)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print()

@@ -312,7 +312,7 @@ def test_bad_records_are_skipped_and_counted(tiny_world, work, run_args, capsys)
 
 
 HELP_OPTIONS = {
-    "quickstart": ["--out", "--small"],
+    "quickstart": ["--out", "--small", "--processes"],
     "world": ["--out", "--seed", "--train", "--test", "--comp", "--image-size", "--captions"],
     "train": ["--config", "--resume", "--eval-split", "Overrides are dotted keys"],
     "eval": ["--model", "--split", "--tasks", "--out", "--on-error", "Overrides are dotted keys"],

@@ -164,3 +164,40 @@ def test_target_uniformity_gradient_spreads_close_targets():
     target_uniformity(before).backward()
     after = F.normalize(z - 0.1 * z.grad, dim=-1)
     assert float(after[0] @ after[1]) < float(before[0] @ before[1])  # "yes" and "no" move apart
+
+
+def test_target_spread_hand_values():
+    from vljepa.losses import target_spread
+
+    # Head: a and b coincide (cos 1); Y keeps them at cos 0.5 -> each has excess 0.5; c is apart.
+    head = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.75 ** 0.5, 0.0], [0.0, 0.0, 1.0]])
+    assert float(target_spread(head, y)) == pytest.approx(1.0, abs=1e-6)
+    # Where the head keeps targets at least as far apart as Y, nothing is penalised.
+    assert float(target_spread(torch.eye(3), y)) == 0.0
+    assert float(target_spread(head[:1], y[:1])) == 0.0
+
+
+def test_target_spread_pushes_a_merged_pair_harder_than_uniformity():
+    """One merged pair ("yes" / "no" at cos 0.98) among 40 other targets: uniformity, averaged over
+    all pairs, barely moves it; the spread term pushes it with full weight and the pair moves apart."""
+    from vljepa.losses import target_spread, target_uniformity
+
+    g = torch.Generator().manual_seed(0)
+    others = torch.randn(40, 16, generator=g)
+    yes = torch.zeros(16)
+    yes[0] = 1.0
+    no = yes.clone()
+    no[1] = 0.2  # cos(yes, no) = 0.98
+    z = torch.cat([yes[None], no[None], others]).requires_grad_(True)
+    y = F.normalize(torch.randn(42, 8, generator=g), dim=-1)
+    y[1] = F.normalize(y[0] + 1.0 * F.normalize(torch.randn(8, generator=g), dim=0), dim=0)  # Y keeps them apart
+    assert float(y[0] @ y[1]) < 0.9
+    target_uniformity(F.normalize(z, dim=-1)).backward()
+    uniform_push = float(z.grad[:2].norm())
+    z.grad = None
+    before = F.normalize(z, dim=-1)
+    target_spread(before, y).backward()
+    assert float(z.grad[:2].norm()) > 10 * uniform_push
+    after = F.normalize(z - 0.5 * z.grad, dim=-1)
+    assert float(after[0] @ after[1]) < float(before[0] @ before[1]) - 0.05

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from vljepa.config import ConfigError, PredictorConfig, TextConfig, VisionConfig
@@ -412,3 +413,38 @@ def test_target_uniformity_term_enters_the_loss(make_tiny_config):
     torch.testing.assert_close(plain["loss"], base + 0.5 * plain["uniformity"])
     out.loss.backward()
     assert m.target_head.skip.weight.grad.abs().sum() > 0
+
+
+def test_target_spread_term_enters_the_loss(make_tiny_config):
+    torch.manual_seed(0)
+    m = VLJepa(make_tiny_config("hybrid", "model.loss.target_spread=2.0")).train()
+    batch = _caption_batch(m, ["yes", "no", "yes"], _pixels(3))
+    batch["target_groups"] = torch.tensor([0, 1, 0])
+    out = m(batch)
+    # The excess of the head's cosine over Y's, for the two distinct answers.
+    tok = m.tokenize(["yes", "no"])
+    feats = m.text_features(tok["input_ids"], tok["attention_mask"])
+    t, y = m.embed_target(**feats), F.normalize(feats["pooled"], dim=-1)
+    expected = 2 * float((t[0] @ t[1] - y[0] @ y[1]).clamp_min(0))
+    assert out.metrics["spread"] == pytest.approx(expected, abs=1e-5)
+    plain = m.loss_terms(out.pred, out.target, batch["target_groups"])
+    torch.testing.assert_close(out.loss, plain["loss"] + 2.0 * torch.tensor(out.metrics["spread"]))
+
+
+def test_predictor_registers_are_attended_not_pooled(make_tiny_config):
+    from vljepa.config import ConfigError
+
+    torch.manual_seed(0)
+    m = VLJepa(make_tiny_config("hybrid", "model.predictor.registers=3")).eval()
+    assert m.predictor.registers.shape == (1, 3, m.config.predictor.dim)
+    pixels = _pixels(2)
+    q = m.tokenize_queries(["what color is the circle?", "is there a star?"])
+    before = m.predict(pixels, **q)
+    assert before.shape == (2, m.config.embed_dim)
+    # The registers change what the tokens attend to, hence the prediction, with or without a query.
+    with torch.no_grad():
+        m.predictor.registers.add_(1.0)
+    assert not torch.allclose(m.predict(pixels, **q), before)
+    assert m.predict(pixels).shape == (2, m.config.embed_dim)
+    with pytest.raises(ConfigError, match="registers"):
+        VLJepa(make_tiny_config("hybrid", "model.predictor.registers=-1"))

@@ -102,8 +102,11 @@ class Predictor(nn.Module):
         dropout: float = 0.0,
         max_query_len: int = 32,
         max_visual_tokens: int = 256,
+        registers: int = 0,
     ) -> None:
         super().__init__()
+        if registers < 0:
+            raise ConfigError(f"model.predictor.registers={registers} must be >= 0")
         self.max_query_len = max_query_len
         self.max_visual_tokens = max_visual_tokens
         self.visual_in = nn.Sequential(nn.LayerNorm(visual_dim), nn.Linear(visual_dim, dim))
@@ -116,7 +119,8 @@ class Predictor(nn.Module):
         # embeddings at init scale 0.02 would be drowned by the first attention over the image, and
         # the predictor could not tell "is there a red circle?" from "is there a blue star?".
         self.query_norm = nn.LayerNorm(dim)
-        for p in (self.visual_pos, self.query_pos, self.type_embed):
+        self.registers = nn.Parameter(torch.zeros(1, registers, dim)) if registers else None
+        for p in (self.visual_pos, self.query_pos, self.type_embed, *([self.registers] if registers else [])):
             nn.init.trunc_normal_(p, std=0.02)
         nn.init.normal_(self.query_embed.weight, std=0.02)
         self.blocks = nn.ModuleList(
@@ -132,7 +136,7 @@ class Predictor(nn.Module):
         return cls(
             visual_dim=visual_dim, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, target_dim=target_dim,
             vocab_size=vocab_size, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout,
-            max_query_len=cfg.max_query_len, max_visual_tokens=cfg.max_visual_tokens,
+            max_query_len=cfg.max_query_len, max_visual_tokens=cfg.max_visual_tokens, registers=cfg.registers,
         )
 
     def forward(
@@ -162,8 +166,15 @@ class Predictor(nn.Module):
                 query_mask = torch.ones_like(query_ids)
             visual_mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
             mask = torch.cat([visual_mask, query_mask.bool()], dim=1)
+        n_seq = x.shape[1]
+        if self.registers is not None:
+            x = torch.cat([x, self.registers.expand(b, -1, -1).to(x.dtype)], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones(b, self.registers.shape[1], dtype=torch.bool, device=x.device)], 1)
         for block in self.blocks:
             x = block(x, mask)
+        # Registers are attended to but not read out: the pooled state is over image and query tokens.
+        x, mask = x[:, :n_seq], None if mask is None else mask[:, :n_seq]
         return self.head(masked_mean(self.norm(x), mask))  # [B, target_dim]
 
 

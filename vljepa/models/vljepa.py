@@ -27,7 +27,7 @@ from torch import nn
 
 from vljepa.config import ConfigError, ModelConfig, config_dir, from_dict, to_dict
 from vljepa.losses import (first_occurrence, gather_no_grad, gather_with_grad, info_nce, regression_loss,
-                           target_uniformity)
+                           target_spread, target_uniformity)
 from vljepa.models.predictor import Block, HFLMPredictor, build_predictor, masked_mean
 from vljepa.models.text import build_text_encoder, resolve_text_path
 from vljepa.models.vision import build_vision_encoder
@@ -248,12 +248,18 @@ class VLJepa(nn.Module):
             feats = self.text_features(take("target_ids"), take("target_mask"))
         else:
             feats = {"pooled": take("target_pooled"), "states": take("target_states"), "mask": take("target_mask")}
-        target = self.embed_target(**feats)
-        if expand is not None:
-            target = target[expand]
+        distinct = self.embed_target(**feats)
+        target = distinct if expand is None else distinct[expand]
         if not with_loss:
             return VLJepaOutput(pred=pred, target=target)
         terms = self.loss_terms(pred, target, groups)
+        if self.config.loss.target_spread > 0:
+            # Over this process's distinct targets, against Y's own pooled embeddings of them (rows that
+            # repeat a text without a group id have cosine 1 under both, so they add nothing).
+            if feats.get("pooled") is None:
+                raise ConfigError("model.loss.target_spread needs the Y-encoder's pooled embeddings of the targets")
+            terms["spread"] = target_spread(distinct, feats["pooled"])
+            terms["loss"] = terms["loss"] + self.config.loss.target_spread * terms["spread"]
         metrics = {k: float(v.detach()) for k, v in terms.items() if k != "loss"}
         return VLJepaOutput(pred=pred, target=target, loss=terms["loss"], metrics=metrics)
 

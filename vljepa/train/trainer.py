@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -344,6 +344,20 @@ def with_resolved_precision(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
 
 
+def cache_frozen_towers(cfg: RunConfig) -> dict[str, bool]:
+    """Encode the frozen towers' outputs for ``cfg``'s training data into ``data.cache_dir``, in this
+    process, and return the cache hits. A run launched afterwards (``accelerate launch``) then reads
+    the cache instead of encoding on its main process while the others wait."""
+    cfg = with_resolved_precision(cfg)
+    if not cfg.data.cache:
+        return {}
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(cfg.train.seed, device_specific=False)  # as prepare_run: random frozen towers agree
+    model = VLJepa(cfg.model)
+    data = build_training_data(model, cfg, accelerator)
+    return data.cache_hits
+
+
 def prepare_run(cfg: RunConfig) -> PreparedRun:
     """Accelerator, model (optionally from train.init_from), data, loader, optimizer and schedule.
 
@@ -357,7 +371,10 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     accelerator = Accelerator(mixed_precision=tc.precision, gradient_accumulation_steps=tc.grad_accum,
                               cpu=not torch.cuda.is_available(), log_with=tc.log_with or None,
                               project_dir=str(out),
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                              # A batch may leave parameters unused: query-free caption batches never touch
+                              # the predictor's query embedding, and a mixed batch can hold no question.
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     # One seed on every process while the model is built, so frozen random towers (and their cached
     # outputs) agree; per-process seeds (seed + rank) afterwards for randomness inside the step. The
     # data order has its own generator seeded by train.seed, shared and then sharded, so N processes
