@@ -38,8 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a tiny world and a few steps: checks the pipeline in about a minute, numbers are meaningless")
     p.add_argument("--processes", type=int, default=0,
                    help="training processes per stage, launched with `accelerate launch` when more than one "
-                        "(default 0 = automatic: one per GPU; on a CPU two single-threaded processes once there "
-                        "are two or more cores)")
+                        "(default 0 = automatic: one per GPU, one on a CPU)")
 
     p = sub.add_parser("world", help="generate the built-in procedural world (images + metadata.jsonl)",
                        description="Write a seeded world of 1-3 coloured shapes per image with paraphrased captions "

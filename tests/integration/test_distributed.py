@@ -116,3 +116,21 @@ def test_two_process_cli_run_with_sharded_evaluation(tmp_path):
         assert abs(gathered["retrieval"][key] - single["retrieval"][key]) < 1e-6, key
     assert gathered["vqa"]["n"] == single["vqa"]["n"]
     assert abs(gathered["vqa"]["accuracy"] - single["vqa"]["accuracy"]) < 1e-6
+
+
+def test_shipped_cpu_2proc_config_starts_two_processes(tmp_path):
+    """`accelerate launch --config_file cpu_2proc.yaml` must start two processes, not one (with
+    `distributed_type: MULTI_CPU` or `use_cpu: true`, accelerate launch runs a single process)."""
+    from vljepa.config import config_dir
+
+    script = tmp_path / "who.py"
+    script.write_text("from accelerate import Accelerator\n"
+                      "a = Accelerator()\n"
+                      "print(f'rank {a.process_index} of {a.num_processes} {a.distributed_type.value}', flush=True)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(config_dir() / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()), str(script)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0 of 2 MULTI_CPU", "rank 1 of 2 MULTI_CPU"]

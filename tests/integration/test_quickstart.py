@@ -15,14 +15,14 @@ from vljepa.models.vljepa import VLJepa
 from vljepa.quickstart import default_processes, run_quickstart
 
 
-def test_default_processes_on_this_machine(monkeypatch):
+def test_default_processes_one_per_gpu_one_on_a_cpu(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert default_processes() == 2
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert default_processes() == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert default_processes() == 4
 
 
 def test_negative_processes_is_an_error(tmp_path):

@@ -364,6 +364,9 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     ``train.precision=auto`` is resolved here; the run's ``config.yaml`` records what ran."""
     cfg = with_resolved_precision(cfg)
     tc = cfg.train
+    if tc.grad_cache_chunk and cfg.model.loss.target_spread > 0:
+        raise ConfigError("model.loss.target_spread is not computed under gradient caching "
+                          f"(train.grad_cache_chunk={tc.grad_cache_chunk}); set one of them to 0")
     out = Path(tc.output_dir)
     # A seedable sampler draws each epoch's order from (train.seed, epoch) alone, so a run resumed in
     # any epoch skips the batches it already trained on of the same order (the DataLoader generator
