@@ -95,6 +95,12 @@ class PredictorConfig:
     # transformer: learned tokens appended to every sequence (not pooled); attention can rest on them
     # when nothing in the image matches the query (Darcet et al., 2024, "registers").
     registers: int = 0
+    # transformer: the blocks' feed-forward layer, "gelu" or "swiglu" (gated: a product of two
+    # projections, so comparing what a token retrieved with what the query asks is one layer's work).
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    # transformer: which tokens' mean is the prediction: "all" (image and query tokens) or "query"
+    # (the query tokens where there is a query, the image tokens where there is none).
+    pool: Literal["all", "query"] = "all"
 
 
 @dataclass

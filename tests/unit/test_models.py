@@ -448,3 +448,30 @@ def test_predictor_registers_are_attended_not_pooled(make_tiny_config):
     assert m.predict(pixels).shape == (2, m.config.embed_dim)
     with pytest.raises(ConfigError, match="registers"):
         VLJepa(make_tiny_config("hybrid", "model.predictor.registers=-1"))
+
+
+def test_predictor_query_pool_reads_query_tokens_and_captions_off_the_image(make_tiny_config):
+    torch.manual_seed(0)
+    m = VLJepa(make_tiny_config("hybrid", "model.predictor.pool=query")).eval()
+    pixels = _pixels(3)
+    q = m.tokenize_queries(["what color is the circle?", "", "is there a star?"])
+    q["query_mask"][1] = 0  # row 1 is a caption, as the collator pads it in a mixed batch: no query token
+    mixed = m.predict(pixels, **q)
+    # A row without a query is read off its image tokens: the same as predicting it query-free.
+    torch.testing.assert_close(mixed[1], m.predict(pixels[1:2])[0], atol=1e-5, rtol=1e-5)
+    # Rows with a query read their query tokens: the "all" readout of the same weights differs.
+    m_all = VLJepa(make_tiny_config("hybrid")).eval()
+    m_all.load_state_dict(m.state_dict())
+    assert not torch.allclose(m_all.predict(pixels, **q)[0], mixed[0])
+    torch.testing.assert_close(m_all.predict(pixels[1:2])[0], mixed[1], atol=1e-5, rtol=1e-5)
+
+
+def test_predictor_swiglu_blocks(make_tiny_config):
+    from vljepa.models.predictor import SwiGLU
+
+    m = VLJepa(make_tiny_config("hybrid", "model.predictor.mlp=swiglu")).eval()
+    assert all(isinstance(b.mlp, SwiGLU) for b in m.predictor.blocks)
+    q = m.tokenize_queries(["is the circle red?"])
+    assert m.predict(_pixels(1), **q).shape == (1, m.config.embed_dim)
+    with pytest.raises(ConfigError, match="mlp"):
+        VLJepa(make_tiny_config("hybrid", "model.predictor.mlp=relu"))

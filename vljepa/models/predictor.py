@@ -28,10 +28,28 @@ from torch import nn
 from vljepa.config import ConfigError, PredictorConfig
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block with bidirectional attention and a key padding mask."""
+class SwiGLU(nn.Module):
+    """``W3 (silu(W1 x) * W2 x)``: the product of two projections of a token makes "does the
+    retrieved colour equal the asked one" a bilinear function the layer computes directly."""
 
-    def __init__(self, *, dim: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with bidirectional attention and a key padding mask.
+
+    ``mlp``: ``gelu`` (two layers, ``mlp_ratio * dim`` hidden) or ``swiglu`` (gated, with 2/3 of
+    that hidden width, so both have about the same parameters and cost).
+    """
+
+    def __init__(self, *, dim: int, heads: int, mlp_ratio: float, dropout: float, mlp: str = "gelu") -> None:
         super().__init__()
         if dim % heads:
             raise ConfigError(f"predictor dim {dim} is not divisible by heads {heads}")
@@ -41,7 +59,12 @@ class Block(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        if mlp == "gelu":
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        elif mlp == "swiglu":
+            self.mlp = SwiGLU(dim, max(1, 2 * hidden // 3))
+        else:
+            raise ConfigError(f"unknown model.predictor.mlp '{mlp}'; use gelu or swiglu")
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -103,8 +126,13 @@ class Predictor(nn.Module):
         max_query_len: int = 32,
         max_visual_tokens: int = 256,
         registers: int = 0,
+        mlp: str = "gelu",
+        pool: str = "all",
     ) -> None:
         super().__init__()
+        if pool not in ("all", "query"):
+            raise ConfigError(f"unknown model.predictor.pool '{pool}'; use all or query")
+        self.pool = pool
         if registers < 0:
             raise ConfigError(f"model.predictor.registers={registers} must be >= 0")
         self.max_query_len = max_query_len
@@ -124,7 +152,7 @@ class Predictor(nn.Module):
             nn.init.trunc_normal_(p, std=0.02)
         nn.init.normal_(self.query_embed.weight, std=0.02)
         self.blocks = nn.ModuleList(
-            Block(dim=dim, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout) for _ in range(depth)
+            Block(dim=dim, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, mlp=mlp) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, target_dim)
@@ -137,6 +165,7 @@ class Predictor(nn.Module):
             visual_dim=visual_dim, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, target_dim=target_dim,
             vocab_size=vocab_size, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout,
             max_query_len=cfg.max_query_len, max_visual_tokens=cfg.max_visual_tokens, registers=cfg.registers,
+            mlp=cfg.mlp, pool=cfg.pool,
         )
 
     def forward(
@@ -175,6 +204,13 @@ class Predictor(nn.Module):
             x = block(x, mask)
         # Registers are attended to but not read out: the pooled state is over image and query tokens.
         x, mask = x[:, :n_seq], None if mask is None else mask[:, :n_seq]
+        if self.pool == "query" and mask is not None:
+            # Read the answer off the query tokens; a row without a query (a caption in a mixed batch)
+            # is read off its visual tokens.
+            read = mask.clone()
+            has_query = mask[:, n:].any(1)
+            read[has_query, :n] = False
+            mask = read
         return self.head(masked_mean(self.norm(x), mask))  # [B, target_dim]
 
 
