@@ -124,8 +124,9 @@ def test_shipped_cpu_2proc_config_starts_two_processes(tmp_path):
     from vljepa.config import config_dir
 
     script = tmp_path / "who.py"
+    # As the trainer builds it on a machine without CUDA (cpu=True).
     script.write_text("from accelerate import Accelerator\n"
-                      "a = Accelerator()\n"
+                      "a = Accelerator(cpu=True)\n"
                       "print(f'rank {a.process_index} of {a.num_processes} {a.distributed_type.value}', flush=True)\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",

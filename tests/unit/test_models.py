@@ -401,12 +401,17 @@ def test_hybrid_target_head_adds_the_pooled_path(make_tiny_config):
     assert not torch.allclose(m.embed_target(**feats), z)
 
 
-def test_target_uniformity_term_enters_the_loss(make_tiny_config):
+def _yes_no_step(config):
+    """A hybrid-head model of ``config`` and its output on answers yes / no / yes (grouped)."""
     torch.manual_seed(0)
-    m = VLJepa(make_tiny_config("hybrid", "model.loss.target_uniformity=0.5")).train()
+    m = VLJepa(config).train()
     batch = _caption_batch(m, ["yes", "no", "yes"], _pixels(3))
     batch["target_groups"] = torch.tensor([0, 1, 0])
-    out = m(batch)
+    return m, batch, m(batch)
+
+
+def test_target_uniformity_term_enters_the_loss(make_tiny_config):
+    m, batch, out = _yes_no_step(make_tiny_config("hybrid", "model.loss.target_uniformity=0.5"))
     assert "uniformity" in out.metrics
     plain = m.loss_terms(out.pred, out.target, batch["target_groups"])
     base = info_nce(out.pred, out.target, m.logit_scale.exp(), batch["target_groups"])["loss"]
@@ -416,19 +421,27 @@ def test_target_uniformity_term_enters_the_loss(make_tiny_config):
 
 
 def test_target_spread_term_enters_the_loss(make_tiny_config):
-    torch.manual_seed(0)
-    m = VLJepa(make_tiny_config("hybrid", "model.loss.target_spread=2.0")).train()
-    batch = _caption_batch(m, ["yes", "no", "yes"], _pixels(3))
-    batch["target_groups"] = torch.tensor([0, 1, 0])
+    # A head that maps every text near one point merges "yes" and "no", which Y keeps at cos ~0.73.
+    def merging_head(m):
+        with torch.no_grad():
+            m.target_head.out.weight.mul_(0.01)
+            m.target_head.skip.weight.mul_(0.01)
+        return m
+
+    m, batch, out = _yes_no_step(make_tiny_config("hybrid", "model.loss.target_spread=2.0"))
+    merging_head(m)
     out = m(batch)
-    # The excess of the head's cosine over Y's, for the two distinct answers.
+    # Both distinct answers have the same excess of head cosine over Y cosine; the term sums the two.
     tok = m.tokenize(["yes", "no"])
     feats = m.text_features(tok["input_ids"], tok["attention_mask"])
     t, y = m.embed_target(**feats), F.normalize(feats["pooled"], dim=-1)
-    expected = 2 * float((t[0] @ t[1] - y[0] @ y[1]).clamp_min(0))
-    assert out.metrics["spread"] == pytest.approx(expected, abs=1e-5)
+    excess = float((t[0] @ t[1] - y[0] @ y[1]).clamp_min(0))
+    assert excess > 0.1
+    assert out.metrics["spread"] == pytest.approx(2 * excess, abs=1e-5)
     plain = m.loss_terms(out.pred, out.target, batch["target_groups"])
     torch.testing.assert_close(out.loss, plain["loss"] + 2.0 * torch.tensor(out.metrics["spread"]))
+    out.loss.backward()
+    assert m.target_head.out.weight.grad.abs().sum() > 0
 
 
 def test_predictor_registers_are_attended_not_pooled(make_tiny_config):
