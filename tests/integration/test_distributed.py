@@ -125,13 +125,16 @@ def test_shipped_cpu_2proc_config_starts_two_processes(tmp_path):
 
     script = tmp_path / "who.py"
     # As the trainer builds it on a machine without CUDA (cpu=True).
-    script.write_text("from accelerate import Accelerator\n"
+    # Each rank writes its own file: the ranks share one stdout, so printed lines can interleave.
+    script.write_text("import pathlib, sys\n"
+                      "from accelerate import Accelerator\n"
                       "a = Accelerator(cpu=True)\n"
-                      "print(f'rank {a.process_index} of {a.num_processes} {a.distributed_type.value}', flush=True)\n")
+                      "pathlib.Path(sys.argv[1], f'rank{a.process_index}.txt').write_text(\n"
+                      "    f'rank {a.process_index} of {a.num_processes} {a.distributed_type.value}')\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(config_dir() / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()), str(script)]
+           str(config_dir() / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()), str(script), str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    lines = sorted(p.read_text() for p in tmp_path.glob("rank*.txt"))
     assert lines == ["rank 0 of 2 MULTI_CPU", "rank 1 of 2 MULTI_CPU"]
