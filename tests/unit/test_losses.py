@@ -199,5 +199,5 @@ def test_target_spread_pushes_a_merged_pair_harder_than_uniformity():
     before = F.normalize(z, dim=-1)
     target_spread(before, y).backward()
     assert float(z.grad[:2].norm()) > 10 * uniform_push
-        after = F.normalize((z - 0.5 * z.grad).detach(), dim=-1)
+    after = F.normalize((z - 0.5 * z.grad).detach(), dim=-1)
     assert float(after[0] @ after[1]) < float(before.detach()[0] @ before.detach()[1]) - 0.05
