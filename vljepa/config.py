@@ -101,6 +101,17 @@ class PredictorConfig:
     # transformer: which tokens' mean is the prediction: "all" (image and query tokens) or "query"
     # (the query tokens where there is a query, the image tokens where there is none).
     pool: Literal["all", "query"] = "all"
+    # transformer: what the query tokens are. "learned": an embedding table over the Y tokenizer's
+    # vocabulary, trained from scratch. "text": the frozen Y-encoder's token states of the question
+    # through a trained linear map: each word arrives already read in context ("red" as the asked
+    # colour in "is the circle red?", as a modifier in "is the red circle small?").
+    query_tokens: Literal["learned", "text"] = "learned"
+    # transformer: "match" adds a branch beside the transformer: per image token, the product of its
+    # features with the query's words, a small MLP, averaged over the image, added to the pooled state
+    # (see predictor.QueryMatch). Yes/no questions ("is there a red circle?") need that product; the
+    # transformer alone did not learn them on the built-in world. "none" leaves it out.
+    fusion: Literal["none", "match"] = "none"
+    fusion_rank: int = 0  # width of the product (0 = the predictor's dim)
 
 
 @dataclass

@@ -435,7 +435,7 @@ def test_target_spread_term_enters_the_loss(make_tiny_config):
     tok = m.tokenize(["yes", "no"])
     feats = m.text_features(tok["input_ids"], tok["attention_mask"])
     t, y = m.embed_target(**feats), F.normalize(feats["pooled"], dim=-1)
-    excess = float((t[0] @ t[1] - y[0] @ y[1]).clamp_min(0))
+    excess = float((t[0] @ t[1] - y[0] @ y[1]).clamp_min(0).detach())
     assert excess > 0.1
     assert out.metrics["spread"] == pytest.approx(2 * excess, abs=1e-5)
     plain = m.loss_terms(out.pred, out.target, batch["target_groups"])
@@ -488,3 +488,74 @@ def test_predictor_swiglu_blocks(make_tiny_config):
     assert m.predict(_pixels(1), **q).shape == (1, m.config.embed_dim)
     with pytest.raises(ConfigError, match="mlp"):
         VLJepa(make_tiny_config("hybrid", "model.predictor.mlp=relu"))
+
+
+def test_predictor_text_query_tokens_read_y_states_once(make_tiny_config, monkeypatch):
+    """query_tokens=text: the query tokens are the frozen Y-encoder's token states (through a trained
+    linear map); each distinct query goes through Y once, and the result equals reading it afresh."""
+    torch.manual_seed(0)
+    m = VLJepa(make_tiny_config("hybrid", "model.predictor.query_tokens=text")).eval()
+    assert not hasattr(m.predictor, "query_embed")  # no vocabulary table to train
+    pixels = _pixels(3)
+    q = m.tokenize_queries(["is the circle red?", "is there a star?", "is the circle red?"])
+    calls = []
+    real_forward = type(m.text).forward
+
+    def counting(self, ids, mask):
+        calls.append(ids.shape[0])
+        return real_forward(self, ids, mask)
+
+    monkeypatch.setattr(type(m.text), "forward", counting)
+    first = m.predict(pixels, **q)
+    assert calls == [2]  # two distinct queries, one Y call
+    again = m.predict(pixels, **q)
+    assert calls == [2]  # remembered
+    torch.testing.assert_close(first, again)
+    # The states are Y's own: the same as running Y on one query alone, padding zeroed.
+    one = m.tokenize_queries(["is there a star?"])
+    with torch.no_grad():
+        y = real_forward(m.text, one["query_ids"], one["query_mask"]).states[0]
+    states = m.query_states(q["query_ids"], q["query_mask"])
+    n = int(one["query_mask"].sum())
+    torch.testing.assert_close(states[1, :n], y[:n])
+    assert states[1, n:].abs().sum() == 0
+    # The words matter: another question gives another prediction for the same image.
+    other = m.tokenize_queries(["is the circle blue?"] * 3)
+    assert not torch.allclose(m.predict(pixels, **other)[0], first[0])
+    # A query-free row of a mixed batch: zeros, no Y call for it.
+    q["query_mask"][1] = 0
+    assert m.query_states(q["query_ids"], q["query_mask"])[1].abs().sum() == 0
+    # The linear map is trained: gradients reach it through a loss on the prediction.
+    m.train()
+    m.predict(pixels, **q).sum().backward()
+    assert m.predictor.query_in[1].weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="query_tokens"):
+        VLJepa(make_tiny_config("hybrid", "model.predictor.query_tokens=words"))
+
+
+def test_predictor_match_branch(make_tiny_config):
+    """fusion=match: a per-image-token product with the query's words, added to the pooled state; a
+    row without a query is left as the transformer alone gives it."""
+    torch.manual_seed(0)
+    m = VLJepa(make_tiny_config("hybrid", "model.predictor.fusion=match", "model.predictor.fusion_rank=8")).eval()
+    assert m.predictor.match.mix.weight.shape == (8, 8)
+    plain = VLJepa(make_tiny_config("hybrid")).eval()
+    missing, unexpected = plain.load_state_dict(m.state_dict(), strict=False)
+    assert not missing and all(k.startswith("predictor.match.") for k in unexpected)
+    pixels = _pixels(3)
+    q = m.tokenize_queries(["is there a red circle?", "", "is there a blue star?"])
+    q["query_mask"][1] = 0  # a caption row of a mixed batch
+    with_match, without = m.predict(pixels, **q), plain.predict(pixels, **q)
+    torch.testing.assert_close(with_match[1], without[1])  # no query: the branch adds nothing
+    assert not torch.allclose(with_match[0], without[0])  # a query: it does
+    torch.testing.assert_close(m.predict(pixels), plain.predict(pixels))  # query-free batches too
+    # The branch reads the words: another question, another prediction.
+    other = m.tokenize_queries(["is there a green square?"] * 3)
+    assert not torch.allclose(m.predict(pixels, **other)[0] - plain.predict(pixels, **other)[0],
+                              with_match[0] - without[0])
+    m.train()
+    m.predict(pixels, **q).sum().backward()
+    for name in ("visual.1.weight", "word.1.weight", "mix.weight", "out.weight"):
+        assert m.predictor.match.get_parameter(name).grad.abs().sum() > 0, name
+    with pytest.raises(ConfigError, match="fusion"):
+        VLJepa(make_tiny_config("hybrid", "model.predictor.fusion=bilinear"))

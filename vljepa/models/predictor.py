@@ -42,6 +42,38 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+class QueryMatch(nn.Module):
+    """A match branch beside the transformer: for every image token, the product of its features with
+    the query's words, read by a small per-token MLP and averaged over the image.
+
+    ``mean_i W_o GELU(W_c ((W_v LN(v_i) + p_i) * q))`` with ``v_i`` the X-encoder's token, ``p_i`` its
+    position and ``q`` the mean of the query's normalised, projected word vectors. A product of what is
+    in the image and what the query names is the first-order signal a yes/no question carries ("is
+    there a red circle?": red-ness of a token times "red" in the query); the per-token MLP can require
+    two matches in one token (a red *and* circular object), and the mean says whether any token did.
+    Measured on the built-in world (yes/no questions only, binary loss, 300 steps): the transformer
+    alone stayed at chance, with this branch exist / yes-no reached 0.92 / 0.91.
+    """
+
+    def __init__(self, *, visual_dim: int, word_dim: int, rank: int, out_dim: int, max_visual_tokens: int) -> None:
+        super().__init__()
+        self.visual = nn.Sequential(nn.LayerNorm(visual_dim), nn.Linear(visual_dim, rank))
+        self.pos = nn.Parameter(torch.randn(1, max_visual_tokens, rank))
+        self.word = nn.Sequential(nn.LayerNorm(word_dim), nn.Linear(word_dim, rank))
+        self.mix = nn.Linear(rank, rank)
+        self.out = nn.Linear(rank, out_dim)
+
+    def forward(self, visual_tokens: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        """visual_tokens ``[B, N, Dv]``, words ``[B, L, Dw]``, word_mask ``[B, L]`` -> ``[B, out_dim]``;
+        zero for a row without query words."""
+        n = visual_tokens.shape[1]
+        m = word_mask.to(words.dtype)[..., None]
+        q = (self.word(words) * m).sum(1) / m.sum(1).clamp_min(1.0)  # [B, rank]
+        v = self.visual(visual_tokens) + self.pos[:, :n].to(visual_tokens.dtype)
+        h = F.gelu(self.mix(v * q[:, None])).mean(1)
+        return self.out(h) * (word_mask.sum(1, keepdim=True) > 0).to(h.dtype)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block with bidirectional attention and a key padding mask.
 
@@ -128,8 +160,22 @@ class Predictor(nn.Module):
         registers: int = 0,
         mlp: str = "gelu",
         pool: str = "all",
+        query_tokens: str = "learned",
+        text_state_dim: int | None = None,
+        fusion: str = "none",
+        fusion_rank: int = 0,
     ) -> None:
         super().__init__()
+        if fusion not in ("none", "match"):
+            raise ConfigError(f"unknown model.predictor.fusion '{fusion}'; use none or match")
+        if fusion_rank < 0:
+            raise ConfigError(f"model.predictor.fusion_rank={fusion_rank} must be >= 0 (0 = the predictor's dim)")
+        if query_tokens not in ("learned", "text"):
+            raise ConfigError(f"unknown model.predictor.query_tokens '{query_tokens}'; use learned or text")
+        if query_tokens == "text" and not text_state_dim:
+            raise ConfigError("model.predictor.query_tokens=text reads the Y-encoder's token states, which this "
+                              "text tower does not expose; use model.predictor.query_tokens=learned")
+        self.query_tokens = query_tokens
         if pool not in ("all", "query"):
             raise ConfigError(f"unknown model.predictor.pool '{pool}'; use all or query")
         self.pool = pool
@@ -140,7 +186,11 @@ class Predictor(nn.Module):
         self.visual_in = nn.Sequential(nn.LayerNorm(visual_dim), nn.Linear(visual_dim, dim))
         # Position matters: relations ("left of") are read off where a token sits in the grid.
         self.visual_pos = nn.Parameter(torch.zeros(1, max_visual_tokens, dim))
-        self.query_embed = nn.Embedding(vocab_size, dim)
+        if query_tokens == "learned":
+            self.query_embed = nn.Embedding(vocab_size, dim)
+            nn.init.normal_(self.query_embed.weight, std=0.02)
+        else:
+            self.query_in = nn.Sequential(nn.LayerNorm(text_state_dim), nn.Linear(text_state_dim, dim))
         self.query_pos = nn.Parameter(torch.zeros(1, max_query_len, dim))
         self.type_embed = nn.Parameter(torch.zeros(2, dim))  # 0 = visual, 1 = query
         # Query tokens start at the scale of the visual tokens (which leave visual_in at O(1)): word
@@ -150,22 +200,27 @@ class Predictor(nn.Module):
         self.registers = nn.Parameter(torch.zeros(1, registers, dim)) if registers else None
         for p in (self.visual_pos, self.query_pos, self.type_embed, *([self.registers] if registers else [])):
             nn.init.trunc_normal_(p, std=0.02)
-        nn.init.normal_(self.query_embed.weight, std=0.02)
         self.blocks = nn.ModuleList(
             Block(dim=dim, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, mlp=mlp) for _ in range(depth)
         )
+        self.match = None
+        if fusion == "match":
+            self.match = QueryMatch(visual_dim=visual_dim, word_dim=dim, rank=fusion_rank or dim, out_dim=dim,
+                                    max_visual_tokens=max_visual_tokens)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, target_dim)
 
     @classmethod
     def from_config(cls, cfg: PredictorConfig, *, visual_dim: int, target_dim: int, vocab_size: int,
-                    load_weights: bool = True, source: str | None = None, with_tokenizer: bool = True) -> Predictor:
+                    load_weights: bool = True, source: str | None = None, with_tokenizer: bool = True,
+                    text_state_dim: int | None = None) -> Predictor:
         """Trained from scratch: nothing pretrained to load, no tokenizer of its own."""
         return cls(
             visual_dim=visual_dim, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, target_dim=target_dim,
             vocab_size=vocab_size, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout,
             max_query_len=cfg.max_query_len, max_visual_tokens=cfg.max_visual_tokens, registers=cfg.registers,
-            mlp=cfg.mlp, pool=cfg.pool,
+            mlp=cfg.mlp, pool=cfg.pool, query_tokens=cfg.query_tokens, text_state_dim=text_state_dim,
+            fusion=cfg.fusion, fusion_rank=cfg.fusion_rank,
         )
 
     def forward(
@@ -173,8 +228,10 @@ class Predictor(nn.Module):
         visual_tokens: torch.Tensor,
         query_ids: torch.Tensor | None = None,
         query_mask: torch.Tensor | None = None,
+        query_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """visual_tokens ``[B, N, Dv]``; query_ids / query_mask ``[B, L]`` or None (query-free)."""
+        """visual_tokens ``[B, N, Dv]``; query_ids / query_mask ``[B, L]`` or None (query-free);
+        ``query_states`` ``[B, L, H]``: the Y-encoder's token states of the query (``query_tokens=text``)."""
         b, n, _ = visual_tokens.shape
         if n > self.max_visual_tokens:
             raise ConfigError(
@@ -184,12 +241,19 @@ class Predictor(nn.Module):
         grid = grid_position_encoding(n, x.shape[-1])
         if grid is not None:
             x = x + grid.to(device=x.device, dtype=x.dtype)
-        mask = None
+        mask = words = None
         if query_ids is not None and query_ids.shape[1] > 0:
             q_len = query_ids.shape[1]
             if q_len > self.max_query_len:
                 raise ConfigError(f"query of {q_len} tokens exceeds model.predictor.max_query_len={self.max_query_len}")
-            q = self.query_norm(self.query_embed(query_ids) + self.query_pos[:, :q_len] + self.type_embed[1])
+            if self.query_tokens == "learned":
+                words = self.query_embed(query_ids)
+            else:
+                if query_states is None or query_states.shape[:2] != query_ids.shape:
+                    raise ValueError("model.predictor.query_tokens=text needs query_states [B, L, H] matching "
+                                     "query_ids; VLJepa.predict reads them from the Y-encoder")
+                words = self.query_in(query_states.to(x.dtype))
+            q = self.query_norm(words + self.query_pos[:, :q_len] + self.type_embed[1])
             x = torch.cat([x, q], dim=1)
             if query_mask is None:
                 query_mask = torch.ones_like(query_ids)
@@ -211,7 +275,10 @@ class Predictor(nn.Module):
             has_query = mask[:, n:].any(1)
             read[has_query, :n] = False
             mask = read
-        return self.head(masked_mean(self.norm(x), mask))  # [B, target_dim]
+        pooled = masked_mean(self.norm(x), mask)
+        if self.match is not None and words is not None:
+            pooled = pooled + self.match(visual_tokens.to(pooled.dtype), words, query_mask)
+        return self.head(pooled)  # [B, target_dim]
 
 
 class HFLMPredictor(nn.Module):
@@ -364,7 +431,8 @@ PREDICTORS: dict[str, type[nn.Module]] = {"transformer": Predictor, "hf_lm": HFL
 
 
 def build_predictor(cfg: PredictorConfig, *, visual_dim: int, target_dim: int, vocab_size: int,
-                    load_weights: bool = True, source: str | None = None, with_tokenizer: bool = True) -> nn.Module:
+                    load_weights: bool = True, source: str | None = None, with_tokenizer: bool = True,
+                    text_state_dim: int | None = None) -> nn.Module:
     """Build the predictor named by ``cfg.kind``.
 
     ``vocab_size`` sizes the built-in predictor's query embedding (the Y tokenizer's); ``source`` is
@@ -375,5 +443,10 @@ def build_predictor(cfg: PredictorConfig, *, visual_dim: int, target_dim: int, v
         raise ConfigError(f"unknown model.predictor.kind '{cfg.kind}'; choose one of ['transformer'] (trained from "
                           "scratch) or 'hf_lm' (the last layers of a pretrained language model, with "
                           "model.predictor.path)")
+    if cfg.kind != "transformer" and cfg.query_tokens != "learned":
+        raise ConfigError(f"model.predictor.query_tokens={cfg.query_tokens} is for the built-in transformer; "
+                          f"model.predictor.kind={cfg.kind} embeds queries with its own language model")
+    extra = {"text_state_dim": text_state_dim} if cfg.kind == "transformer" else {}
     return PREDICTORS[cfg.kind].from_config(cfg, visual_dim=visual_dim, target_dim=target_dim, vocab_size=vocab_size,
-                                            load_weights=load_weights, source=source, with_tokenizer=with_tokenizer)
+                                            load_weights=load_weights, source=source, with_tokenizer=with_tokenizer,
+                                            **extra)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import OrderedDict
 import math
 import os
 import shutil
@@ -124,8 +125,10 @@ class VLJepa(nn.Module):
         self.predictor = build_predictor(
             config.predictor, visual_dim=self.vision.out_dim, target_dim=config.embed_dim,
             vocab_size=self.text.vocab_size, load_weights=load_weights, source=predictor_source,
-            with_tokenizer=with_tokenizers,
+            with_tokenizer=with_tokenizers, text_state_dim=self.text.state_size,
         )
+        # query_tokens=text with a frozen Y: each distinct query's token states, read once (token ids -> [L, H]).
+        self._query_memo: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         init = math.log(1.0 / config.loss.temperature)
         self.logit_scale = nn.Parameter(torch.tensor(init), requires_grad=config.loss.learn_temperature)
 
@@ -206,6 +209,44 @@ class VLJepa(nn.Module):
         tok = {k: v.to(device) for k, v in self.tokenize(texts).items()}
         return self.embed_target(**self.text_features(tok["input_ids"], tok["attention_mask"]))
 
+    def _apply(self, *args, **kwargs):
+        if "_query_memo" in self.__dict__:  # remembered query states would stay on the old device / dtype
+            self._query_memo.clear()
+        return super()._apply(*args, **kwargs)
+
+    QUERY_MEMO_SIZE = 100_000  # distinct queries remembered (a VQA set repeats its question templates)
+
+    def query_states(self, query_ids: torch.Tensor, query_mask: torch.Tensor | None) -> torch.Tensor:
+        """The Y-encoder's token states of the queries ``[B, L, H]`` (zeros at padding), without gradient.
+
+        With a frozen Y-encoder the states of a query depend only on its tokens, so each distinct query
+        is run through Y once and remembered (up to ``QUERY_MEMO_SIZE``, least recently used dropped).
+        """
+        mask = torch.ones_like(query_ids) if query_mask is None else query_mask
+        if not self.text.static:
+            with torch.no_grad():
+                return self.text(query_ids, mask).states * mask[..., None]
+        lengths = mask.sum(1).tolist()
+        keys = [tuple(row[:n]) for row, n in zip(query_ids.tolist(), lengths)]
+        todo = list(dict.fromkeys(k for k in keys if k and k not in self._query_memo))
+        if todo:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            rows = torch.tensor([first[k] for k in todo], device=query_ids.device)
+            width = max(len(k) for k in todo)
+            with torch.no_grad():
+                states = self.text(query_ids[rows, :width], mask[rows, :width]).states
+            for k, st in zip(todo, states):
+                self._query_memo[k] = st[:len(k)].detach().clone()
+        out = torch.zeros(*query_ids.shape, self.text.state_size, device=query_ids.device,
+                          dtype=next(self.text.parameters()).dtype)
+        for i, k in enumerate(keys):
+            if k:  # a query-free row of a mixed batch stays zeros (and is masked out)
+                out[i, :len(k)] = self._query_memo[k]
+                self._query_memo.move_to_end(k)
+        while len(self._query_memo) > self.QUERY_MEMO_SIZE:
+            self._query_memo.popitem(last=False)
+        return out
+
     def predict(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -220,7 +261,10 @@ class VLJepa(nn.Module):
                 raise ValueError("predict needs pixel_values or visual_tokens")
             visual_tokens = self.encode_image(pixel_values)
         dtype = next(self.predictor.parameters()).dtype
-        z = self.predictor(visual_tokens.to(dtype), query_ids, query_mask)
+        extra = {}
+        if query_ids is not None and query_ids.shape[1] > 0 and getattr(self.predictor, "query_tokens", "") == "text":
+            extra["query_states"] = self.query_states(query_ids, query_mask)
+        z = self.predictor(visual_tokens.to(dtype), query_ids, query_mask, **extra)
         return F.normalize(z.float(), dim=-1)
 
     # ------------------------------------------------------------------ training step
