@@ -188,7 +188,6 @@ class Predictor(nn.Module):
         self.visual_pos = nn.Parameter(torch.zeros(1, max_visual_tokens, dim))
         if query_tokens == "learned":
             self.query_embed = nn.Embedding(vocab_size, dim)
-            nn.init.normal_(self.query_embed.weight, std=0.02)
         else:
             self.query_in = nn.Sequential(nn.LayerNorm(text_state_dim), nn.Linear(text_state_dim, dim))
         self.query_pos = nn.Parameter(torch.zeros(1, max_query_len, dim))
@@ -200,6 +199,8 @@ class Predictor(nn.Module):
         self.registers = nn.Parameter(torch.zeros(1, registers, dim)) if registers else None
         for p in (self.visual_pos, self.query_pos, self.type_embed, *([self.registers] if registers else [])):
             nn.init.trunc_normal_(p, std=0.02)
+        if query_tokens == "learned":  # initialised here, as before the option existed: same seed, same model
+            nn.init.normal_(self.query_embed.weight, std=0.02)
         self.blocks = nn.ModuleList(
             Block(dim=dim, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, mlp=mlp) for _ in range(depth)
         )
