@@ -131,6 +131,10 @@ class LossConfig:
     # maps them to 0.98; while the predictor cannot yet tell them apart, InfoNCE pulls both onto the
     # same prediction, and the uniformity term, averaged over all pairs, barely pushes back).
     target_spread: float = 0.0
+    # Weight of the target -> prediction direction of InfoNCE (1 = symmetric, 0 = prediction -> target
+    # only). With repeated answers, that direction pulls the targets of answers the predictor cannot
+    # yet tell apart ("yes", "no") towards the one cluster of their predictions, which merges them.
+    t2p_weight: float = 1.0
 
 
 @dataclass

@@ -63,11 +63,13 @@ def info_nce(
     target: torch.Tensor,
     logit_scale: torch.Tensor,
     groups: torch.Tensor | None = None,
+    t2p_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Bidirectional InfoNCE between L2-normalised ``pred`` and ``target`` ``[B, D]``.
 
     ``groups`` ``[B]`` (int64) marks samples whose targets are identical; each distinct target is
-    one column, so repeated answers are not treated as negatives of each other.
+    one column, so repeated answers are not treated as negatives of each other. The loss is
+    ``(p2t + t2p_weight * t2p) / (1 + t2p_weight)``: 1 is the symmetric loss, 0 prediction -> target only.
     """
     b = pred.shape[0]
     if groups is None:
@@ -80,7 +82,7 @@ def info_nce(
     positives = inv[None, :] == torch.arange(u, device=pred.device)[:, None]  # [U, B]
     lt = logits.T
     target_to_pred = (lt.logsumexp(1) - lt.masked_fill(~positives, float("-inf")).logsumexp(1)).mean()
-    loss = 0.5 * (pred_to_target + target_to_pred)
+    loss = (pred_to_target + t2p_weight * target_to_pred) / (1.0 + t2p_weight)
     with torch.no_grad():
         acc = (logits.argmax(1) == inv).float().mean()
     return {"loss": loss, "p2t": pred_to_target.detach(), "t2p": target_to_pred.detach(), "batch_acc": acc}

@@ -201,3 +201,26 @@ def test_target_spread_pushes_a_merged_pair_harder_than_uniformity():
     assert float(z.grad[:2].norm()) > 10 * uniform_push
     after = F.normalize((z - 0.5 * z.grad).detach(), dim=-1)
     assert float(after[0] @ after[1]) < float(before.detach()[0] @ before.detach()[1]) - 0.05
+
+
+def test_info_nce_t2p_weight_mixes_the_two_directions():
+    from vljepa.losses import info_nce
+
+    g = torch.Generator().manual_seed(0)
+    pred = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    target = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    groups = torch.tensor([0, 1, 1, 2, 3, 3])
+    scale = torch.tensor(10.0)
+    sym = info_nce(pred, target, scale, groups)
+    assert float(sym["loss"]) == pytest.approx(0.5 * float(sym["p2t"] + sym["t2p"]), rel=1e-6)
+    only = info_nce(pred, target, scale, groups, t2p_weight=0.0)
+    assert float(only["loss"]) == pytest.approx(float(sym["p2t"]), rel=1e-6)
+    assert float(sym["p2t"]) != pytest.approx(float(sym["t2p"]), rel=1e-3)  # the two directions differ here
+    # Without the target -> prediction direction, a target gets no pull towards the predictions of
+    # other rows of its own group beyond what prediction -> target gives it.
+    t = target.clone().requires_grad_(True)
+    info_nce(pred, t, scale, groups, t2p_weight=0.0)["loss"].backward()
+    g0 = t.grad.clone()
+    t.grad = None
+    info_nce(pred, t, scale, groups)["loss"].backward()
+    assert not torch.allclose(g0, t.grad)

@@ -316,7 +316,7 @@ class VLJepa(nn.Module):
         scale = self.logit_scale.exp().clamp(max=loss_cfg.max_logit_scale)
         all_target = gather_with_grad(target)
         all_groups = None if groups is None else gather_no_grad(groups)
-        terms = info_nce(gather_with_grad(pred), all_target, scale, all_groups)
+        terms = info_nce(gather_with_grad(pred), all_target, scale, all_groups, t2p_weight=loss_cfg.t2p_weight)
         if loss_cfg.target_uniformity > 0:
             terms["uniformity"] = target_uniformity(all_target, all_groups)
             terms["loss"] = terms["loss"] + loss_cfg.target_uniformity * terms["uniformity"]
