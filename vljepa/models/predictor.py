@@ -51,8 +51,9 @@ class QueryMatch(nn.Module):
     in the image and what the query names is the first-order signal a yes/no question carries ("is
     there a red circle?": red-ness of a token times "red" in the query); the per-token MLP can require
     two matches in one token (a red *and* circular object), and the mean says whether any token did.
-    Measured on the built-in world (yes/no questions only, binary loss, 300 steps): the transformer
-    alone stayed at chance, with this branch exist / yes-no reached 0.92 / 0.91.
+    Measured on the built-in world (yes/no questions only, a binary loss, from a stage-1 model): the
+    transformer alone stayed at chance for 500 steps; with this branch exist / yes-no reached 0.75 /
+    0.76 by step 200.
     """
 
     def __init__(self, *, visual_dim: int, word_dim: int, rank: int, out_dim: int, max_visual_tokens: int) -> None:
