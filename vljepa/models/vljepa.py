@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import copy
 import json
-from collections import OrderedDict
 import math
 import os
 import shutil
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
