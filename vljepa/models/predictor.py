@@ -68,8 +68,7 @@ class QueryMatch(nn.Module):
         """visual_tokens ``[B, N, Dv]``, words ``[B, L, Dw]``, word_mask ``[B, L]`` -> ``[B, out_dim]``;
         zero for a row without query words."""
         n = visual_tokens.shape[1]
-        m = word_mask.to(words.dtype)[..., None]
-        q = (self.word(words) * m).sum(1) / m.sum(1).clamp_min(1.0)  # [B, rank]
+        q = masked_mean(self.word(words), word_mask)  # [B, rank]
         v = self.visual(visual_tokens) + self.pos[:, :n].to(visual_tokens.dtype)
         h = F.gelu(self.mix(v * q[:, None])).mean(1)
         return self.out(h) * (word_mask.sum(1, keepdim=True) > 0).to(h.dtype)
