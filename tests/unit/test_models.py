@@ -15,7 +15,7 @@ from PIL import Image
 from vljepa.config import ConfigError, PredictorConfig, TextConfig, VisionConfig
 from vljepa.losses import info_nce
 from vljepa.models import vljepa as vljepa_module
-from vljepa.models.predictor import Predictor, build_predictor
+from vljepa.models.predictor import Predictor, build_predictor, length_buckets, prefix_lengths
 from vljepa.models.text import build_text_encoder, read_pooling, resolve_text_path
 from vljepa.models.vision import build_vision_encoder, efficientnet_lite0_state_dict
 from vljepa.models.vljepa import VLJepa, VLJepaOutput
@@ -55,6 +55,47 @@ def test_predictor_padding_invariance():
     torch.testing.assert_close(p(v[1:], ids[1:, :2], mask[1:, :2]), out[1:], atol=1e-6, rtol=1e-5)
     # A fully padded query is the query-free prediction (caption rows in a mixed batch).
     torch.testing.assert_close(p(v, ids, torch.zeros_like(mask)), p(v), atol=1e-6, rtol=1e-5)
+
+
+def test_length_buckets_split_by_length_and_cover_every_row_once():
+    lengths = torch.tensor([0] * 28 + [5, 6, 7, 8, 9] * 12 + [12, 13, 14] * 13)[torch.randperm(127)]
+    groups = length_buckets(lengths, base=16)
+    assert 1 < len(groups) <= 4
+    rows = torch.cat([r for r, _ in groups])
+    assert sorted(rows.tolist()) == list(range(127))  # every row exactly once
+    for r, longest in groups:
+        assert int(lengths[r].max()) == longest
+    assert groups[0][1] == 0  # the query-free rows are a group of their own
+    padded = sum(len(r) * (16 + n) for r, n in groups)
+    assert padded < 127 * (16 + 14) * 0.85
+    # One length, or buckets turned off: a single group of all rows.
+    assert len(length_buckets(torch.full((9,), 4))) == 1
+    assert len(length_buckets(lengths, max_buckets=1)) == 1
+    assert prefix_lengths(torch.tensor([[1, 1, 0], [1, 0, 0]])).tolist() == [2, 1]
+    assert prefix_lengths(torch.tensor([[0, 1, 1]])) is None  # left padding: not trimmed
+
+
+@pytest.mark.parametrize("fusion", ["none", "match"])
+def test_predictor_length_buckets_change_nothing(fusion):
+    """A batch of query-free rows and queries of three lengths gives the same outputs and gradients
+    run in length groups as run as one padded batch."""
+    p = _predictor(registers=2, fusion=fusion, max_query_len=12, max_visual_tokens=16).train()
+    v = torch.randn(40, 16, 8)
+    lengths = torch.tensor([0] * 10 + [3] * 10 + [7] * 10 + [12] * 10)[torch.randperm(40)]
+    mask = (torch.arange(12)[None] < lengths[:, None]).long()
+    ids = torch.randint(1, 50, (40, 12)) * mask
+    assert len(length_buckets(lengths, base=18, max_buckets=p.max_length_buckets)) > 1
+    outs = []
+    for buckets in (1, 4):
+        p.max_length_buckets = buckets
+        p.zero_grad()
+        z = p(v, ids, mask)
+        (z * torch.arange(4.0)).sum().backward()
+        outs.append((z.detach(), {n: q.grad.clone() for n, q in p.named_parameters() if q.grad is not None}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
+    assert outs[0][1].keys() == outs[1][1].keys()
+    for name, g in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][name], g, atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_predictor_limits_and_errors():
@@ -399,6 +440,22 @@ def test_hybrid_target_head_adds_the_pooled_path(make_tiny_config):
         m.target_head.skip.weight.zero_()
         m.target_head.skip.bias.zero_()
     assert not torch.allclose(m.embed_target(**feats), z)
+
+
+def test_target_head_length_buckets_change_nothing(make_tiny_config):
+    """Answers (a few tokens) and captions in one batch: read in length groups, the same embeddings."""
+    torch.manual_seed(0)
+    m = VLJepa(make_tiny_config("hybrid")).train()
+    texts = ["yes", "no", "two", "a red circle", "a small red circle to the left of a large blue square",
+             "there is a big green star above a small yellow triangle and a red circle", "red"] * 3
+    tok = m.tokenize(texts)
+    feats = m.text_features(tok["input_ids"], tok["attention_mask"])
+    assert len(length_buckets(feats["mask"].sum(1))) > 1
+    outs = []
+    for buckets in (1, 4):
+        m.target_head.max_length_buckets = buckets
+        outs.append(m.embed_target(**feats))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
 
 
 def _yes_no_step(config):

@@ -139,8 +139,78 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+def prefix_lengths(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-row lengths of a right-padded ``mask`` ``[B, L]``; None when it is not right-padded (or None)."""
+    if mask is None:
+        return None
+    lengths = mask.sum(1)
+    prefix = torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]
+    return lengths if torch.equal(prefix, mask.bool()) else None
+
+
+def length_buckets(lengths: torch.Tensor, *, base: int = 0, max_buckets: int = 4,
+                   overhead: int = 64) -> list[tuple[torch.Tensor, int]]:
+    """Split rows into at most ``max_buckets`` groups of similar length: ``[(row indices, max length)]``.
+
+    A padded batch costs ``rows x (base + longest row)`` tokens; a batch that mixes captions (30
+    tokens) with one-word answers (3) or query-free rows with questions pays mostly for padding.
+    The split minimises padded tokens plus ``overhead`` tokens per extra group (exact dynamic
+    programme over the distinct lengths, which are few). One group means: run the batch as it is.
+    """
+    values, counts = torch.unique(lengths.cpu(), return_counts=True)
+    v, c = values.tolist(), counts.tolist()
+    m = len(v)
+    if m <= 1 or max_buckets <= 1:
+        return [(torch.arange(lengths.shape[0], device=lengths.device), int(v[-1]) if v else 0)]
+    prefix = [0]
+    for n in c:
+        prefix.append(prefix[-1] + n)
+
+    def cost(i: int, j: int) -> int:  # rows with the i-th .. j-th distinct length, padded to v[j]
+        return (prefix[j + 1] - prefix[i]) * (base + v[j]) + overhead
+
+    # best[k][j]: cheapest split of the first j+1 distinct lengths into k+1 groups; cut[k][j]: start of the last.
+    inf = float("inf")
+    best = [[inf] * m for _ in range(max_buckets)]
+    cut = [[0] * m for _ in range(max_buckets)]
+    for j in range(m):
+        best[0][j] = cost(0, j)
+    for k in range(1, max_buckets):
+        for j in range(k, m):
+            for i in range(k, j + 1):
+                total = best[k - 1][i - 1] + cost(i, j)
+                if total < best[k][j]:
+                    best[k][j], cut[k][j] = total, i
+    k = min(range(max_buckets), key=lambda kk: best[kk][m - 1])
+    bounds, j = [], m - 1
+    while k > 0:
+        i = cut[k][j]
+        bounds.append((i, j))
+        j, k = i - 1, k - 1
+    bounds.append((0, j))
+    groups = []
+    for i, j in reversed(bounds):
+        rows = torch.nonzero((lengths >= v[i]) & (lengths <= v[j])).flatten()
+        groups.append((rows, int(v[j])))
+    return groups
+
+
+def run_in_buckets(groups: list[tuple[torch.Tensor, int]], run) -> torch.Tensor:
+    """``run(rows, length)`` for each group, stitched back into the rows' original order."""
+    outs = [run(rows, length) for rows, length in groups]
+    order = torch.cat([rows for rows, _ in groups])
+    return torch.cat(outs)[torch.argsort(order)]
+
+
 class Predictor(nn.Module):
-    """Predicts the answer embedding ``[B, target_dim]`` from visual tokens and a query."""
+    """Predicts the answer embedding ``[B, target_dim]`` from visual tokens and a query.
+
+    A batch whose queries differ in length (captions without a query beside questions) is run in a
+    few groups of similar length (``max_length_buckets``; 1 = one padded batch): the same result,
+    without computing on padding.
+    """
+
+    max_length_buckets = 4
 
     tokenizer = None  # queries are tokenised with the Y-encoder's tokenizer
 
@@ -233,6 +303,35 @@ class Predictor(nn.Module):
     ) -> torch.Tensor:
         """visual_tokens ``[B, N, Dv]``; query_ids / query_mask ``[B, L]`` or None (query-free);
         ``query_states`` ``[B, L, H]``: the Y-encoder's token states of the query (``query_tokens=text``)."""
+        lengths = None
+        if query_ids is not None and query_ids.shape[1] > 0 and self.max_length_buckets > 1 and (
+            query_states is None or query_states.shape[:2] == query_ids.shape
+        ):
+            lengths = prefix_lengths(torch.ones_like(query_ids) if query_mask is None else query_mask)
+        if lengths is None:
+            return self._forward(visual_tokens, query_ids, query_mask, query_states)
+        n_registers = 0 if self.registers is None else self.registers.shape[1]
+        groups = length_buckets(lengths, base=visual_tokens.shape[1] + n_registers,
+                                max_buckets=self.max_length_buckets)
+
+        def run(rows: torch.Tensor | slice, length: int) -> torch.Tensor:
+            if length == 0:  # query-free rows (captions in a mixed batch)
+                return self._forward(visual_tokens[rows])
+            qs = None if query_states is None else query_states[rows, :length]
+            qm = None if query_mask is None else query_mask[rows, :length]
+            return self._forward(visual_tokens[rows], query_ids[rows, :length], qm, qs)
+
+        if len(groups) == 1:  # one group: all rows, trimmed to the longest
+            return run(slice(None), groups[0][1])
+        return run_in_buckets(groups, run)
+
+    def _forward(
+        self,
+        visual_tokens: torch.Tensor,
+        query_ids: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+        query_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, n, _ = visual_tokens.shape
         if n > self.max_visual_tokens:
             raise ConfigError(

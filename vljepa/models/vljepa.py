@@ -29,7 +29,8 @@ from torch import nn
 from vljepa.config import ConfigError, ModelConfig, config_dir, from_dict, to_dict
 from vljepa.losses import (first_occurrence, gather_no_grad, gather_with_grad, info_nce, regression_loss,
                            target_spread, target_uniformity)
-from vljepa.models.predictor import Block, HFLMPredictor, build_predictor, masked_mean
+from vljepa.models.predictor import (Block, HFLMPredictor, build_predictor, length_buckets, masked_mean,
+                                     prefix_lengths, run_in_buckets)
 from vljepa.models.text import build_text_encoder, resolve_text_path
 from vljepa.models.vision import build_vision_encoder
 
@@ -52,7 +53,10 @@ class TargetHead(nn.Module):
 
     ``linear`` and ``mlp`` read the pooled sentence embedding; ``token`` reads the token states;
     ``hybrid`` is ``token`` plus a linear map of the pooled embedding (``pooled_dim`` wide).
+    Token states are read in groups of similar length (``max_length_buckets``; 1 = one padded batch).
     """
+
+    max_length_buckets = 4
 
     def __init__(self, *, kind: str, text_dim: int, embed_dim: int, hidden: int, depth: int,
                  pooled_dim: int | None = None) -> None:
@@ -81,12 +85,26 @@ class TargetHead(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.kind in ("linear", "mlp"):
             return self.net(pooled)
+        lengths = prefix_lengths(mask) if self.max_length_buckets > 1 else None
+        if lengths is None:
+            z = self._read_states(states, mask)
+        else:
+            # Captions (up to ~30 tokens) and one-word answers (~3) share a batch: run them in groups
+            # of similar length instead of padding every answer to the longest caption.
+            groups = length_buckets(lengths, max_buckets=self.max_length_buckets)
+            if len(groups) == 1:
+                n = groups[0][1]
+                z = self._read_states(states[:, :n], mask[:, :n])
+            else:
+                z = run_in_buckets(groups, lambda rows, n: self._read_states(states[rows, :n], mask[rows, :n]))
+        return z + self.skip(pooled) if self.kind == "hybrid" else z
+
+    def _read_states(self, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = self.inp(states)
         key_mask = None if mask is None else mask.bool()
         for block in self.blocks:
             x = block(x, key_mask)
-        z = self.out(masked_mean(self.norm(x), key_mask))
-        return z + self.skip(pooled) if self.kind == "hybrid" else z
+        return self.out(masked_mean(self.norm(x), key_mask))
 
 
 class VLJepa(nn.Module):
