@@ -14,7 +14,8 @@ from vljepa.data import cache as cache_module
 from vljepa.data.cache import EmbeddingCache, cache_key, file_items
 from vljepa.data.collate import Collator, ExampleIndex, Examples, TextTable, pad_ids
 from vljepa.data.formats import SkipReport
-from vljepa.embed import cached_image_tokens, cached_text_features, pixel_loader
+from vljepa import embed
+from vljepa.embed import cached_image_tokens, cached_text_features, encode_images, pixel_loader
 from vljepa.models.vision import PatchViT
 from vljepa.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
@@ -121,6 +122,17 @@ def test_cached_image_tokens_hit_equals_miss_and_replays_skips(tiny_model, tmp_p
     os.utime(paths[0], ns=(0, os.stat(paths[0]).st_mtime_ns + 1_000_000_000))
     t3, _, hit3 = cached_image_tokens(tiny_model, paths, cache, on_error="skip", report=SkipReport())
     assert not hit3 and not torch.equal(t3[0], t1[0]) and torch.equal(t3[1:3], t1[1:3])
+
+
+def test_encode_images_in_cpu_chunks_equals_one_batch(tiny_model, tmp_path, monkeypatch):
+    """The vision tower runs in chunks on the CPU; every image (the last partial chunk too) is encoded once."""
+    paths = _images(tmp_path / "img", 7)
+    whole, ok = encode_images(tiny_model, paths, batch_size=5)
+    monkeypatch.setattr(embed, "CPU_VISION_CHUNK", 2)
+    chunked, ok2 = encode_images(tiny_model, paths, batch_size=5)
+    assert chunked.shape == whole.shape == (7, 4, 32) and ok.all() and ok2.all()
+    torch.testing.assert_close(chunked, whole)
+    assert not torch.allclose(whole[0], whole[1])  # distinct images stay distinct (no chunk repeated)
 
 
 def test_a_different_vit_does_not_read_cached_tokens(tiny_model, tmp_path):
