@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from vljepa import embed
 from vljepa.config import RunConfig, config_dir, load_config
 from vljepa.data.cache import EmbeddingCache
 from vljepa.data.formats import SkipReport
@@ -218,12 +219,18 @@ def bench_infer(model: VLJepa, questions: list[str], sizes: dict) -> dict:
     pixels = torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(0))
     q = model.tokenize_queries([questions[i % len(questions)] for i in range(b)])
     model.eval()
+    chunk = embed.CPU_VISION_CHUNK
+
+    def vision_in_chunks() -> torch.Tensor:  # what encode_images does on the CPU
+        return torch.cat([model.encode_image(pixels[i : i + chunk]) for i in range(0, b, chunk)])
+
     cases = {
         "vision": lambda: model.encode_image(pixels),
+        "vision_chunked": vision_in_chunks,
         "query_free": lambda: model.predict(pixels),
         "query": lambda: model.predict(pixels, **q),
     }
-    out: dict = {"batch": b, "image_size": size, "query_len": int(q["query_ids"].shape[1])}
+    out: dict = {"batch": b, "image_size": size, "query_len": int(q["query_ids"].shape[1]), "vision_chunk": chunk}
     for name, fn in cases.items():
         out[name] = {}
         for p in PRECISIONS:
@@ -354,6 +361,19 @@ def bench_train(model: VLJepa, cfg: RunConfig, sizes: dict) -> dict:
             log(f"train  {task:<8} {p}: {res[p]['samples_per_s']:.0f} samples/s "
                 f"(step {res[p]['ms']['median']:.0f} ms median)")
         res["bf16_speedup"] = res["bf16"]["samples_per_s"] / res["fp32"]["samples_per_s"]
+        # The same fp32 steps with every batch run as one padded block (no length groups).
+        parts = [m for m in (model.predictor, model.target_head) if hasattr(m, "max_length_buckets")]
+        saved = [m.max_length_buckets for m in parts]
+        for m in parts:
+            m.max_length_buckets = 1
+        try:
+            res["fp32_padded"] = bench_train_step(model, cfg, batches, "fp32", sizes)
+        finally:
+            for m, v in zip(parts, saved):
+                m.max_length_buckets = v
+        res["length_buckets_speedup"] = res["fp32"]["samples_per_s"] / res["fp32_padded"]["samples_per_s"]
+        log(f"train  {task:<8} fp32 one padded block: {res['fp32_padded']['samples_per_s']:.0f} samples/s "
+            f"-> length groups {res['length_buckets_speedup']:.2f}x")
         out[task] = res
     return out
 
@@ -379,7 +399,11 @@ def table(results: dict) -> str:
         rows.append((f"train {task} samples/s (batch {results['train']['batch']})",
                      f"{r['fp32']['samples_per_s']:.0f}", f"{r['bf16']['samples_per_s']:.0f}",
                      f"{r['bf16_speedup']:.2f}x"))
-    for name in ("vision", "query_free", "query"):
+    for task in ("caption", "vqa", "mixed"):
+        r = results["train"][task]
+        rows.append((f"train {task} fp32, one padded block", f"{r['fp32_padded']['samples_per_s']:.0f}", "",
+                     f"groups {r['length_buckets_speedup']:.2f}x"))
+    for name in ("vision", "vision_chunked", "query_free", "query"):
         r = results["infer"][name]
         rows.append((f"infer {name} images/s (batch {results['infer']['batch']})",
                      f"{r['fp32']['images_per_s']:.1f}", f"{r['bf16']['images_per_s']:.1f}",

@@ -115,6 +115,15 @@ def encode_images(
     return torch.cat(chunks), torch.cat(oks)
 
 
+CPU_TEXT_CHUNK = 64  # texts per call of the Y-encoder on the CPU
+
+
+def text_batch_size(batch_size: int, device: torch.device) -> int:
+    """Texts per Y-encoder call: on the CPU at most ``CPU_TEXT_CHUNK`` (all-MiniLM-L6-v2 on length-sorted
+    captions: 5.3 ms per text in batches of 64, 6.2 ms in batches of 256 on 2 EPYC cores)."""
+    return max(1, min(batch_size, CPU_TEXT_CHUNK)) if device.type == "cpu" else batch_size
+
+
 @torch.no_grad()
 def encode_text_features(
     model: VLJepa, texts: Sequence[str], *, batch_size: int = 256, with_states: bool = False, precision: str = "no"
@@ -125,6 +134,7 @@ def encode_text_features(
     texts do not pay for the longest one. Texts are encoded in length order to cut padding.
     """
     device = model.logit_scale.device
+    batch_size = text_batch_size(batch_size, device)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     pooled = torch.zeros(len(texts), model.text.hidden_size)
     per_text: list[torch.Tensor | None] = [None] * len(texts)
@@ -204,11 +214,18 @@ def cached_text_features(
 
 @torch.no_grad()
 def embed_texts(model: VLJepa, texts: Sequence[str], *, batch_size: int = 256, precision: str = "no") -> torch.Tensor:
-    """Target-space embeddings ``[N, D]`` for texts (Y + target head), L2-normalised."""
+    """Target-space embeddings ``[N, D]`` for texts (Y + target head), L2-normalised.
+
+    Texts are embedded in length order (less padding) and returned in the order given."""
     device = model.logit_scale.device
+    if not texts:
+        return torch.zeros(0, model.config.embed_dim)
+    batch_size = text_batch_size(batch_size, device)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     with autocast(precision, device):
-        chunks = [model.encode_text(list(texts[s : s + batch_size])).cpu() for s in range(0, len(texts), batch_size)]
-    return torch.cat(chunks) if chunks else torch.zeros(0, model.config.embed_dim, device=device)
+        chunks = [model.encode_text([texts[i] for i in order[s : s + batch_size]]).float().cpu()
+                  for s in range(0, len(order), batch_size)]
+    return torch.cat(chunks)[torch.argsort(torch.tensor(order))]
 
 
 @torch.no_grad()

@@ -322,3 +322,54 @@ def test_scheduler_scales_every_group_by_the_factor(tiny_model):
     assert seen[0][0] == pytest.approx(0.005) and seen[0][-1] == pytest.approx(0.015)  # warmup 1/2
     assert seen[1][0] == pytest.approx(0.01) and seen[1][-1] == pytest.approx(0.03)
     assert seen[4][0] == pytest.approx(0.0, abs=1e-12)  # cosine to 0 at the last step
+
+
+def test_build_optimizer_fused_on_cpu_takes_the_loop_implementations_steps(tiny_model):
+    cfg = OptimConfig(lr=0.01, head_lr_mult=3.0, weight_decay=0.1)
+    opt = build_optimizer(tiny_model, cfg, text_lr_mult=0.0)
+    assert all(g["fused"] for g in opt.param_groups)
+    assert not build_optimizer(tiny_model, cfg, text_lr_mult=0.0, device="meta").defaults["fused"]
+    start = {n: p.detach().clone() for n, p in tiny_model.named_parameters() if p.requires_grad}
+    reference = torch.optim.AdamW(param_groups(tiny_model, cfg, text_lr_mult=0.0), lr=cfg.lr, betas=cfg.betas,
+                                  eps=cfg.eps, foreach=False)
+    grads = {n: torch.randn_like(p) for n, p in start.items()}
+    after = []
+    for optimizer in (opt, reference):
+        with torch.no_grad():
+            for n, p in tiny_model.named_parameters():
+                if n in start:
+                    p.copy_(start[n])
+        for _ in range(3):
+            for n, p in tiny_model.named_parameters():
+                if n in start:
+                    p.grad = grads[n].clone()
+            optimizer.step()
+        after.append({n: p.detach().clone() for n, p in tiny_model.named_parameters() if n in start})
+    with torch.no_grad():  # the model is shared with other tests: put its weights back
+        for n, p in tiny_model.named_parameters():
+            if n in start:
+                p.copy_(start[n])
+                p.grad = None
+    for n in start:
+        assert not torch.equal(after[0][n], start[n]), n
+        torch.testing.assert_close(after[0][n], after[1][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_embed_texts_in_length_order_returns_the_given_order(tiny_model, monkeypatch):
+    texts = ["a much longer caption about a small red circle left of a big blue square", "yes",
+             "a red circle", "no", "two", "a blue star above a green triangle"]
+    monkeypatch.setattr(embed, "CPU_TEXT_CHUNK", 2)  # several chunks, each of texts sorted by length
+    with torch.no_grad():
+        one_by_one = torch.cat([tiny_model.encode_text([t]) for t in texts])
+        toks = [tiny_model.tokenize([t]) for t in texts]
+        feats_one = [tiny_model.text_features(tok["input_ids"], tok["attention_mask"]) for tok in toks]
+    got = embed.embed_texts(tiny_model, texts)
+    torch.testing.assert_close(got, one_by_one, atol=1e-5, rtol=1e-5)
+    feats = embed.encode_text_features(tiny_model, texts, with_states=True)
+    for i, f in enumerate(feats_one):
+        torch.testing.assert_close(feats["pooled"][i], f["pooled"][0], atol=1e-5, rtol=1e-5)
+        n = int(feats["offsets"][i + 1] - feats["offsets"][i])
+        assert n == int(f["mask"].sum())
+        torch.testing.assert_close(feats["states"][feats["offsets"][i]:feats["offsets"][i + 1]],
+                                   f["states"][0, :n], atol=1e-5, rtol=1e-5)
+    assert embed.embed_texts(tiny_model, []).shape == (0, tiny_model.config.embed_dim)

@@ -406,7 +406,7 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
                         collate_fn=data.collator, num_workers=cfg.data.num_workers)
     if len(loader) == 0:
         raise ConfigError(f"train.batch_size={tc.batch_size} is larger than the {len(data.examples)} training examples")
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, device=accelerator.device)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     set_seed(tc.seed, device_specific=True)
