@@ -196,7 +196,10 @@ def length_buckets(lengths: torch.Tensor, *, base: int = 0, max_buckets: int = 4
 
 
 def run_in_buckets(groups: list[tuple[torch.Tensor, int]], run) -> torch.Tensor:
-    """``run(rows, length)`` for each group, stitched back into the rows' original order."""
+    """``run(rows, length)`` for each group, stitched back into the rows' original order; a single
+    group runs as ``run(slice(None), length)`` (all rows, no gather)."""
+    if len(groups) == 1:
+        return run(slice(None), groups[0][1])
     outs = [run(rows, length) for rows, length in groups]
     order = torch.cat([rows for rows, _ in groups])
     return torch.cat(outs)[torch.argsort(order)]
@@ -321,17 +324,11 @@ class Predictor(nn.Module):
             qm = None if query_mask is None else query_mask[rows, :length]
             return self._forward(visual_tokens[rows], query_ids[rows, :length], qm, qs)
 
-        if len(groups) == 1:  # one group: all rows, trimmed to the longest
-            return run(slice(None), groups[0][1])
         return run_in_buckets(groups, run)
 
-    def _forward(
-        self,
-        visual_tokens: torch.Tensor,
-        query_ids: torch.Tensor | None = None,
-        query_mask: torch.Tensor | None = None,
-        query_states: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def _forward(self, visual_tokens: torch.Tensor, query_ids: torch.Tensor | None = None,
+                 query_mask: torch.Tensor | None = None, query_states: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward`` on one padded block of rows."""
         b, n, _ = visual_tokens.shape
         if n > self.max_visual_tokens:
             raise ConfigError(

@@ -92,11 +92,7 @@ class TargetHead(nn.Module):
             # Captions (up to ~30 tokens) and one-word answers (~3) share a batch: run them in groups
             # of similar length instead of padding every answer to the longest caption.
             groups = length_buckets(lengths, max_buckets=self.max_length_buckets)
-            if len(groups) == 1:
-                n = groups[0][1]
-                z = self._read_states(states[:, :n], mask[:, :n])
-            else:
-                z = run_in_buckets(groups, lambda rows, n: self._read_states(states[rows, :n], mask[rows, :n]))
+            z = run_in_buckets(groups, lambda rows, n: self._read_states(states[rows, :n], mask[rows, :n]))
         return z + self.skip(pooled) if self.kind == "hybrid" else z
 
     def _read_states(self, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
