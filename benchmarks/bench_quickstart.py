@@ -240,7 +240,8 @@ def bench_infer(model: VLJepa, questions: list[str], sizes: dict) -> dict:
             secs = times_of(call, warmup=sizes["infer_warmup"], iters=sizes["infer_iters"])
             out[name][p] = summary(secs, b, "images")
             log(f"infer {name:<10} {p}: {out[name][p]['images_per_s']:.1f} images/s")
-        out[name]["bf16_speedup"] = out[name]["bf16"]["images_per_s"] / out[name]["fp32"]["images_per_s"]
+        if "bf16" in out[name]:
+            out[name]["bf16_speedup"] = out[name]["bf16"]["images_per_s"] / out[name]["fp32"]["images_per_s"]
     return out
 
 
@@ -253,7 +254,8 @@ def bench_decode(model: VLJepa, preds: torch.Tensor, answers: list[str], caption
     answer_texts = list(dict.fromkeys(answers + captions))[: sizes["answer_bank"]]
     caption_texts = captions[: sizes["caption_bank"]]
     embed_texts(model, answer_texts[:4])  # one-time costs, as in bench_cache
-    embed_texts(model, answer_texts[:4], precision="bf16")
+    if "bf16" in PRECISIONS:
+        embed_texts(model, answer_texts[:4], precision="bf16")
     out: dict = {"queries": int(preds.shape[0]), "dim": int(preds.shape[1])}
     for name, texts in (("answers", answer_texts), ("captions", caption_texts)):
         iters = sizes["build_iters_small"] if len(texts) <= 256 else 1
@@ -269,7 +271,8 @@ def bench_decode(model: VLJepa, preds: torch.Tensor, answers: list[str], caption
                 secs.append(time.perf_counter() - t0)
             build[p] = summary(secs, len(texts), "texts")
             log(f"build  {name:<8} {p}: {build[p]['texts_per_s']:.0f} texts/s ({len(texts)} texts)")
-        build["bf16_speedup"] = build["bf16"]["texts_per_s"] / build["fp32"]["texts_per_s"]
+        if "bf16" in build:
+            build["bf16_speedup"] = build["bf16"]["texts_per_s"] / build["fp32"]["texts_per_s"]
         search = {"bank_size": len(bank)}
         search["batched"] = summary(times_of(lambda: bank.search(preds, k=1), warmup=1, iters=sizes["search_iters"]),
                                     int(preds.shape[0]), "queries")
@@ -360,7 +363,8 @@ def bench_train(model: VLJepa, cfg: RunConfig, sizes: dict) -> dict:
             res[p] = bench_train_step(model, cfg, batches, p, sizes)
             log(f"train  {task:<8} {p}: {res[p]['samples_per_s']:.0f} samples/s "
                 f"(step {res[p]['ms']['median']:.0f} ms median)")
-        res["bf16_speedup"] = res["bf16"]["samples_per_s"] / res["fp32"]["samples_per_s"]
+        if "bf16" in res:
+            res["bf16_speedup"] = res["bf16"]["samples_per_s"] / res["fp32"]["samples_per_s"]
         # The same fp32 steps with every batch run as one padded block (no length groups).
         parts = [m for m in (model.predictor, model.target_head) if hasattr(m, "max_length_buckets")]
         saved = [m.max_length_buckets for m in parts]
@@ -392,13 +396,20 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _rate(r: dict, key: str, fmt: str) -> str:
+    return fmt.format(r["bf16"][key]) if "bf16" in r else "-"
+
+
+def _ratio(r: dict) -> str:
+    return f"{r['bf16_speedup']:.2f}x" if "bf16_speedup" in r else "-"
+
+
 def table(results: dict) -> str:
     rows = [("", "fp32", "bf16", "bf16/fp32")]
     for task in ("caption", "vqa", "mixed"):
         r = results["train"][task]
         rows.append((f"train {task} samples/s (batch {results['train']['batch']})",
-                     f"{r['fp32']['samples_per_s']:.0f}", f"{r['bf16']['samples_per_s']:.0f}",
-                     f"{r['bf16_speedup']:.2f}x"))
+                     f"{r['fp32']['samples_per_s']:.0f}", _rate(r, "samples_per_s", "{:.0f}"), _ratio(r)))
     for task in ("caption", "vqa", "mixed"):
         r = results["train"][task]
         rows.append((f"train {task} fp32, one padded block", f"{r['fp32_padded']['samples_per_s']:.0f}", "",
@@ -406,12 +417,11 @@ def table(results: dict) -> str:
     for name in ("vision", "vision_chunked", "query_free", "query"):
         r = results["infer"][name]
         rows.append((f"infer {name} images/s (batch {results['infer']['batch']})",
-                     f"{r['fp32']['images_per_s']:.1f}", f"{r['bf16']['images_per_s']:.1f}",
-                     f"{r['bf16_speedup']:.2f}x"))
+                     f"{r['fp32']['images_per_s']:.1f}", _rate(r, "images_per_s", "{:.1f}"), _ratio(r)))
     for name in ("answers", "captions"):
         r = results["decode"][name]["build"]
         rows.append((f"bank build {name} texts/s ({r['bank_size']} texts)", f"{r['fp32']['texts_per_s']:.0f}",
-                     f"{r['bf16']['texts_per_s']:.0f}", f"{r['bf16_speedup']:.2f}x"))
+                     _rate(r, "texts_per_s", "{:.0f}"), _ratio(r)))
     lines = []
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
@@ -433,7 +443,13 @@ def main() -> None:
     parser.add_argument("--model", default="", help="a saved model folder (default: a fresh stage-2 quickstart model)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quickstart_cpu.json"))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check that the script runs (< 30 s)")
+    parser.add_argument("--fp32-only", action="store_true",
+                        help="skip the bf16 measurements (on a CPU without bf16 instructions they are emulated, "
+                             "several times slower than fp32, and take most of the run)")
     args = parser.parse_args()
+    global PRECISIONS
+    if args.fp32_only:
+        PRECISIONS = ("fp32",)
     sizes = SMOKE if args.smoke else FULL
     started = time.perf_counter()
     stages: dict[str, float] = {}
@@ -485,7 +501,7 @@ def main() -> None:
         "machine": machine,
         "settings": {"config": str(STAGE2.relative_to(REPO)) if STAGE2.is_relative_to(REPO) else str(STAGE2),
                      "model": args.model or "fresh stage-2 model (pretrained frozen towers, random predictor and head)",
-                     "parameters": params, "sizes": sizes},
+                     "parameters": params, "sizes": sizes, "precisions": list(PRECISIONS)},
         "train": train,
         "infer": infer,
         "decode": decode,
