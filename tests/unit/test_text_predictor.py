@@ -499,3 +499,13 @@ def test_text_registry_and_lora_target_errors():
 
     with pytest.raises(ConfigError, match="set model.text.lora.target_modules"):
         add_lora(nn.Sequential(nn.Conv1d(2, 2, 1)), LoraConfig(r=2))
+
+
+@pytest.mark.parametrize("key,value", [("query_tokens", "text"), ("registers", 2), ("mlp", "swiglu"),
+                                       ("pool", "query"), ("fusion", "match"), ("fusion_rank", 8)])
+def test_hf_lm_refuses_options_of_the_built_in_transformer(lm_folders, key, value):
+    """Set on kind=hf_lm, a transformer-only option would be silently ignored: it is an error naming it."""
+    folder, _ = next(iter(lm_folders.values()))
+    cfg = PredictorConfig(kind="hf_lm", path=str(folder), num_layers=2, **{key: value})
+    with pytest.raises(ConfigError, match=f"model.predictor.{key}={value} is for the built-in transformer"):
+        build_predictor(cfg, visual_dim=12, target_dim=8, vocab_size=0)

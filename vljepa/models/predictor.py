@@ -527,6 +527,10 @@ def _keep_last_layers(config: Any, k: int) -> None:
 PREDICTORS: dict[str, type[nn.Module]] = {"transformer": Predictor, "hf_lm": HFLMPredictor}
 
 
+# PredictorConfig fields only the built-in transformer reads (hf_lm embeds queries with its own LM).
+TRANSFORMER_ONLY = ("query_tokens", "registers", "mlp", "pool", "fusion", "fusion_rank")
+
+
 def build_predictor(cfg: PredictorConfig, *, visual_dim: int, target_dim: int, vocab_size: int,
                     load_weights: bool = True, source: str | None = None, with_tokenizer: bool = True,
                     text_state_dim: int | None = None) -> nn.Module:
@@ -540,9 +544,14 @@ def build_predictor(cfg: PredictorConfig, *, visual_dim: int, target_dim: int, v
         raise ConfigError(f"unknown model.predictor.kind '{cfg.kind}'; choose one of ['transformer'] (trained from "
                           "scratch) or 'hf_lm' (the last layers of a pretrained language model, with "
                           "model.predictor.path)")
-    if cfg.kind != "transformer" and cfg.query_tokens != "learned":
-        raise ConfigError(f"model.predictor.query_tokens={cfg.query_tokens} is for the built-in transformer; "
-                          f"model.predictor.kind={cfg.kind} embeds queries with its own language model")
+    if cfg.kind != "transformer":
+        # Options of the built-in transformer only: set on another kind they would be silently ignored.
+        defaults = PredictorConfig()
+        for key in TRANSFORMER_ONLY:
+            if getattr(cfg, key) != getattr(defaults, key):
+                raise ConfigError(f"model.predictor.{key}={getattr(cfg, key)} is for the built-in transformer; "
+                                  f"model.predictor.kind={cfg.kind} does not use it (leave it at "
+                                  f"{getattr(defaults, key)!r})")
     extra = {"text_state_dim": text_state_dim} if cfg.kind == "transformer" else {}
     return PREDICTORS[cfg.kind].from_config(cfg, visual_dim=visual_dim, target_dim=target_dim, vocab_size=vocab_size,
                                             load_weights=load_weights, source=source, with_tokenizer=with_tokenizer,
