@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,13 +22,9 @@ from pathlib import Path
 
 import torch
 
+from vljepa.quickstart import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cpu_model() -> str:
@@ -52,7 +47,7 @@ def run(nproc: int, world: Path, out: Path, steps: int, batch: int, precision: s
         cmd = [sys.executable, "-m", "vljepa.cli", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", "-m", "vljepa.cli", *args]
+               f"--master_port={free_port()}", "-m", "vljepa.cli", *args]
     t = time.time()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:

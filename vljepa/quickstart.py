@@ -64,7 +64,8 @@ def default_processes() -> int:
     return 1
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a distributed launcher's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -83,7 +84,7 @@ def _train_stage(cfg: RunConfig, processes: int) -> Path:
     # (gloo). Its --cpu flag would start a single process.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", cfg.train.precision, "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "vljepa.cli", "train", "--config", str(config_file)]
+           "--main_process_port", str(free_port()), "-m", "vljepa.cli", "train", "--config", str(config_file)]
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))

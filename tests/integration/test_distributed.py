@@ -4,7 +4,6 @@ gives the full-batch gradients. Both compare real trainer set-ups (tests/integra
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +12,11 @@ import pytest
 from safetensors.torch import load_file
 
 from vljepa.data.world import generate_world
+from vljepa.quickstart import free_port
 
 SCRIPT = Path(__file__).with_name("dist_grads.py")
 sys.path.insert(0, str(SCRIPT.parent))
 from dist_grads import TINY as SCRIPT_TINY  # noqa: E402  the same tiny model as the gradient runs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(args: list[str], nproc: int = 1) -> None:
@@ -31,7 +25,7 @@ def _run(args: list[str], nproc: int = 1) -> None:
         cmd = [sys.executable, str(SCRIPT), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", str(SCRIPT), *args]
+               f"--master_port={free_port()}", str(SCRIPT), *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -100,7 +94,7 @@ def test_two_process_cli_run_with_sharded_evaluation(tmp_path):
     generate_world(tmp_path / "world", seed=3, n_train=24, n_test=7, n_comp=4, image_size=32)
     out = tmp_path / "run"
     tiny = [a for a in SCRIPT_TINY if not a.startswith("data.task")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "vljepa.cli", "train", *tiny, f"data.train={tmp_path / 'world' / 'train'}", "data.task=mixed",
            f"train.output_dir={out}", "train.batch_size=8", "train.max_steps=3", "eval.batch_size=2",
            "--eval-split", str(tmp_path / "world" / "test")]
@@ -133,7 +127,7 @@ def test_shipped_cpu_2proc_config_starts_two_processes(tmp_path):
                       "    f'rank {a.process_index} of {a.num_processes} {a.distributed_type.value}')\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(config_dir() / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()), str(script), str(tmp_path)]
+           str(config_dir() / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()), str(script), str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = sorted(p.read_text() for p in tmp_path.glob("rank*.txt"))
