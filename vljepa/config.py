@@ -54,6 +54,9 @@ class VisionConfig:
     timm_name: str = "tf_efficientnet_lite0"
     feature_stage: int = -1  # index into the backbone's feature pyramid (-1 = deepest)
     grid: int = 0  # adaptive-pool the feature map to grid x grid tokens (0 = keep as is)
+    # Finer pyramid stages folded into the feature_stage grid (space to depth) and concatenated to
+    # its channels: each token also carries its cell's sub-cells at the finer stage's resolution.
+    fold_stages: list[int] = field(default_factory=list)
     # built-in ViT
     patch_size: int = 16
     dim: int = 192
@@ -104,8 +107,11 @@ class PredictorConfig:
     # transformer: what the query tokens are. "learned": an embedding table over the Y tokenizer's
     # vocabulary, trained from scratch. "text": the frozen Y-encoder's token states of the question
     # through a trained linear map: each word arrives already read in context ("red" as the asked
-    # colour in "is the circle red?", as a modifier in "is the red circle small?").
-    query_tokens: Literal["learned", "text"] = "learned"
+    # colour in "is the circle red?", as a modifier in "is the red circle small?"). "words": the frozen
+    # Y-encoder's input word embeddings through a trained linear map, plus a learned per-word offset:
+    # words the Y tokenizer spells apart but embeds alike ("circles" / "circle") start out alike and
+    # keep sharing what the map learns, without running Y over the question.
+    query_tokens: Literal["learned", "text", "words"] = "learned"
     # transformer: "match" adds a branch beside the transformer: per image token, the product of its
     # features with the query's words, a small MLP, averaged over the image, added to the pooled state
     # (see predictor.QueryMatch). Yes/no questions ("is there a red circle?") need that product; the

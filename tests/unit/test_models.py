@@ -587,7 +587,47 @@ def test_predictor_text_query_tokens_read_y_states_once(make_tiny_config, monkey
     m.predict(pixels, **q).sum().backward()
     assert m.predictor.query_in[1].weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="query_tokens"):
-        VLJepa(make_tiny_config("hybrid", "model.predictor.query_tokens=words"))
+        VLJepa(make_tiny_config("hybrid", "model.predictor.query_tokens=states"))
+
+
+def test_predictor_word_query_tokens_start_from_y_word_embeddings(make_tiny_config, tmp_path):
+    """query_tokens=words: a query token is a trained linear map of the frozen Y-encoder's input word
+    embedding plus a learned per-word offset that starts at zero. Words Y embeds alike start alike;
+    the map and the offsets train, Y's table does not."""
+    torch.manual_seed(0)
+    m = VLJepa(make_tiny_config("hybrid", "model.predictor.query_tokens=words")).eval()
+    table = m.text.model.get_input_embeddings().weight
+    assert m.predictor.query_embed.weight.abs().sum() == 0 and not table.requires_grad
+    q = m.tokenize_queries(["how many circles are there?", "is there a red circle?"])
+    torch.testing.assert_close(m.text.word_embeddings(q["query_ids"]), table[q["query_ids"]])
+    # Before any training the query tokens are the map of Y's word embeddings.
+    words = m.predictor.query_in(m.text.word_embeddings(q["query_ids"]))
+    ids = q["query_ids"][0].tolist()
+    same = [m.predictor.query_in(table[i]) for i in ids]
+    torch.testing.assert_close(words[0], torch.stack(same))
+    # The words matter: another question gives another prediction for the same image.
+    pixels = _pixels(2)
+    first = m.predict(pixels, **q)
+    other = m.tokenize_queries(["how many stars are there?", "is there a blue star?"])
+    assert not torch.allclose(m.predict(pixels, **other), first)
+    # Gradients reach the map and the offsets of the words used, not Y's table.
+    m.train()
+    m.predict(pixels, **q).sum().backward()
+    assert m.predictor.query_in[1].weight.grad.abs().sum() > 0
+    grad = m.predictor.query_embed.weight.grad
+    used = torch.zeros(grad.shape[0], dtype=torch.bool)
+    used[q["query_ids"].flatten()] = True
+    assert grad[used].abs().sum(1).gt(0).sum() > 0 and grad[~used].abs().sum() == 0
+    assert table.grad is None
+    # After a step the offsets are part of the model: a saved and reloaded model answers the same.
+    with torch.no_grad():
+        for p in m.predictor.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    m.eval()
+    before = m.predict(pixels, **q)
+    again = VLJepa.from_pretrained(m.save_pretrained(tmp_path / "words")).eval()
+    torch.testing.assert_close(again.predict(pixels, **q), before)
 
 
 def test_predictor_match_branch(make_tiny_config):

@@ -438,5 +438,47 @@ def test_identity_names_every_setting_that_changes_the_tokens(hf_models, open_cl
         "kind": "open_clip", "name": "vljepa-tiny-vit", "pretrained": "", "num_frames": 2, "lora": None}
     timm = build_vision_encoder(VisionConfig(kind="timm", weights="none", grid=2))
     assert timm.identity()["timm_name"] == "tf_efficientnet_lite0" and timm.identity()["grid"] == 2
+    assert "fold_stages" not in timm.identity()  # caches written before the option keep their keys
+    folded = build_vision_encoder(VisionConfig(kind="timm", weights="none", grid=2, fold_stages=[-2]))
+    assert folded.identity() == {**timm.identity(), "fold_stages": [-2]}
     for identity in (hf.identity(), oc.identity(), timm.identity()):
         assert json.loads(json.dumps(identity)) == identity  # plain data, as cache keys need
+
+
+def test_fold_stages_put_each_cells_finer_blocks_into_its_token():
+    """fold_stages=[-2, -3] on EfficientNet-Lite0 at 64 px: the 2x2 grid of the deepest stage (320
+    channels, reduction 32) gets, per cell, its 2x2 block of the reduction-16 map and its 4x4 block
+    of the reduction-8 map, in that order."""
+    torch.manual_seed(0)
+    plain = build_vision_encoder(VisionConfig(kind="timm", weights="none", image_size=64)).eval()
+    enc = build_vision_encoder(VisionConfig(kind="timm", weights="none", image_size=64, fold_stages=[-2, -3])).eval()
+    enc.backbone.load_state_dict(plain.backbone.state_dict())
+    assert enc.out_dim == 320 + 112 * 4 + 40 * 16 and enc.num_tokens(64) == 4
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = enc(x)
+        maps = enc.backbone(x)
+        base = plain(x)
+    assert tokens.shape == (2, 4, enc.out_dim)
+    torch.testing.assert_close(tokens[..., :320], base)
+    for row in range(2):
+        for col in range(2):
+            token = tokens[1, row * 2 + col]
+            fine16 = token[320 : 320 + 448].view(112, 2, 2)
+            fine8 = token[320 + 448 :].view(40, 4, 4)
+            torch.testing.assert_close(fine16, maps[-2][1, :, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2])
+            torch.testing.assert_close(fine8, maps[-3][1, :, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"fold_stages": [9]}, r"fold_stages=9 is out of range: tf_efficientnet_lite0 has 5 stages"),
+        ({"fold_stages": [-1]}, r"stage -1 \(reduction 32\) must be finer than feature_stage=-1"),
+        ({"feature_stage": -2, "fold_stages": [-1]}, r"must be finer than feature_stage=-2 \(reduction 16\)"),
+        ({"kind": "vit", "fold_stages": [-2]}, r"kind=vit has no feature pyramid: drop the option"),
+    ],
+)
+def test_fold_stages_bad_values_are_errors_that_name_them(change, message):
+    with pytest.raises(ConfigError, match=message):
+        build_vision_encoder(VisionConfig(**{"kind": "timm", "weights": "none", **change}))

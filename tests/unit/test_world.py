@@ -141,6 +141,45 @@ def test_captions_name_every_object_in_order(world):
                     assert positions[0] < positions[1]
 
 
+def _clear_vertical(objs: list[dict]) -> tuple[str, str] | None:
+    """(upper, lower) names of the pair furthest apart vertically when clearly apart, worked out
+    from the stored objects; None when no pair is, or when the gap sits at the threshold."""
+    pairs = [(a, b) for i, a in enumerate(objs) for b in objs[i + 1 :]]
+    if not pairs:
+        return None
+    a, b = max(pairs, key=lambda p: abs(p[0]["y"] - p[1]["y"]))
+    gap = abs(a["y"] - b["y"])
+    if abs(gap - world_module._VERTICAL_MIN) < 1e-3:
+        return ("?", "?")  # rounding of the stored y decides; not checked
+    if gap < world_module._VERTICAL_MIN:
+        return None
+    upper, lower = (a, b) if a["y"] < b["y"] else (b, a)
+    return f"{upper['color']} {upper['shape']}", f"{lower['color']} {lower['shape']}"
+
+
+def test_captions_state_the_clear_vertical_relation(world):
+    """Two of the four paraphrases say which object is above which, exactly when two objects are
+    clearly one above the other; what they say matches the stored positions."""
+    stated = 0
+    for split in SPLITS:
+        for record in _scenes(world, split):
+            pair = _clear_vertical(record["objects"])
+            if pair == ("?", "?"):
+                continue
+            vertical = [c for c in record["captions"] if " above " in c or " below " in c]
+            if pair is None:
+                assert vertical == [], (record["captions"], record["objects"])
+                continue
+            upper, lower = pair
+            assert sorted(vertical) == sorted(
+                [record["captions"][1], record["captions"][3]]
+            ), record["captions"]
+            assert record["captions"][1].endswith(f", and the {upper} is above the {lower}")
+            assert record["captions"][3].endswith(f", and the {lower} is below the {upper}")
+            stated += 1
+    assert stated > 0
+
+
 _COUNTS = ("zero", "one", "two", "three")
 
 
@@ -269,12 +308,17 @@ def test_hf_imagefolder_reads_a_split(world, tmp_path, monkeypatch):
 
 
 def test_same_content_gives_the_same_captions(world):
-    """Captions are a function of the scene's content (objects, left to right), so an image's
-    caption set contains every caption written for a twin image showing the same content."""
+    """Captions are a function of the scene's content (objects, left to right, and the clear
+    vertical relation), so an image's caption set contains every caption written for a twin image
+    showing the same content."""
     by_content: dict[tuple, set[tuple[str, ...]]] = {}
     for split in SPLITS:
         for record in _scenes(world, split):
-            content = tuple((o["size"], o["color"], o["shape"]) for o in sorted(record["objects"], key=lambda o: o["x"]))
+            vertical = _clear_vertical(record["objects"])
+            if vertical == ("?", "?"):
+                continue
+            objects = tuple((o["size"], o["color"], o["shape"]) for o in sorted(record["objects"], key=lambda o: o["x"]))
+            content = objects if vertical is None else objects + (vertical,)
             by_content.setdefault(content, set()).add(tuple(record["captions"]))
     assert all(len(sets) == 1 for sets in by_content.values())
     assert sum(1 for c in by_content if len(c) == 1) < sum(1 for r in _scenes(world, "train") if len(r["objects"]) == 1)

@@ -3,7 +3,9 @@
 Each image holds one to three filled shapes, each with a colour, a shape and a size, placed
 in distinct horizontal thirds so that left-to-right order is never ambiguous. Captions and
 questions are derived from the scene, so every answer is checkable from the ``objects``
-stored with each image.
+stored with each image. Captions name every object left to right; where two objects sit clearly
+one above the other (the gap at which questions ask "above" / "below"), two of an image's
+paraphrases also say so.
 
 The world is written in the on-disk split format (:mod:`vljepa.data.formats`) and is read
 back through the same readers as user data::
@@ -100,6 +102,9 @@ _CAPTIONS = {
     ),
 }
 MAX_CAPTIONS = min(len(t) for t in _CAPTIONS.values())
+# Added to these templates (by index) when the scene has a clear vertical relation: the pair of
+# objects furthest apart vertically, named by colour and shape as the questions name them.
+_VERTICAL_CLAUSES = {1: ", and the {upper} is above the {lower}", 3: ", and the {lower} is below the {upper}"}
 
 
 @dataclass(frozen=True)
@@ -220,18 +225,35 @@ def _draw(rng: np.random.Generator, objects: list[_Object], image_size: int) -> 
     return img.reduce(_SUPERSAMPLE)
 
 
+def _vertical_pair(objects: list[_Object]) -> tuple[_Object, _Object] | None:
+    """(upper, lower): the two objects furthest apart vertically, if at least ``_VERTICAL_MIN``."""
+    pairs = [(a, b) for i, a in enumerate(objects) for b in objects[i + 1 :]]
+    if not pairs:
+        return None
+    a, b = max(pairs, key=lambda p: abs(p[0].y - p[1].y))
+    if abs(a.y - b.y) < _VERTICAL_MIN:
+        return None
+    return (a, b) if a.y < b.y else (b, a)  # y grows downwards
+
+
 def _captions(objects: list[_Object], k: int) -> list[str]:
     """The first ``k`` templates for this object count, each with a fixed choice of size words.
 
     Captions depend only on what the scene shows, so two images with the same objects in the same
-    order share one caption set. Retrieval counts a caption as a hit when its text equals a caption
-    of the image; with randomly drawn paraphrases, an image's own set would miss the equally right
-    paraphrases drawn for its twins, and R@1 would measure luck rather than the model.
+    order (and the same clear vertical relation) share one caption set. Retrieval counts a caption
+    as a hit when its text equals a caption of the image; with randomly drawn paraphrases, an image's
+    own set would miss the equally right paraphrases drawn for its twins, and R@1 would measure luck
+    rather than the model.
     """
+    vertical = _vertical_pair(objects)
     captions = []
     for t, template in enumerate(_CAPTIONS[len(objects)][:k]):
         phrases = [f"{SIZE_WORDS[o.size][t % 2]} {o.color} {o.shape}" for o in objects]
-        captions.append(template.format(**dict(zip("abc", phrases))))
+        caption = template.format(**dict(zip("abc", phrases)))
+        if vertical is not None and t in _VERTICAL_CLAUSES:
+            upper, lower = vertical
+            caption += _VERTICAL_CLAUSES[t].format(upper=upper.name, lower=lower.name)
+        captions.append(caption)
     return captions
 
 

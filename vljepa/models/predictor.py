@@ -235,6 +235,7 @@ class Predictor(nn.Module):
         pool: str = "all",
         query_tokens: str = "learned",
         text_state_dim: int | None = None,
+        text_word_dim: int | None = None,
         fusion: str = "none",
         fusion_rank: int = 0,
     ) -> None:
@@ -243,11 +244,14 @@ class Predictor(nn.Module):
             raise ConfigError(f"unknown model.predictor.fusion '{fusion}'; use none or match")
         if fusion_rank < 0:
             raise ConfigError(f"model.predictor.fusion_rank={fusion_rank} must be >= 0 (0 = the predictor's dim)")
-        if query_tokens not in ("learned", "text"):
-            raise ConfigError(f"unknown model.predictor.query_tokens '{query_tokens}'; use learned or text")
+        if query_tokens not in ("learned", "text", "words"):
+            raise ConfigError(f"unknown model.predictor.query_tokens '{query_tokens}'; use learned, text or words")
         if query_tokens == "text" and not text_state_dim:
             raise ConfigError("model.predictor.query_tokens=text reads the Y-encoder's token states, which this "
                               "text tower does not expose; use model.predictor.query_tokens=learned")
+        if query_tokens == "words" and not text_word_dim:
+            raise ConfigError("model.predictor.query_tokens=words reads the Y-encoder's input word embeddings, which "
+                              "this text tower does not expose; use model.predictor.query_tokens=learned")
         self.query_tokens = query_tokens
         if pool not in ("all", "query"):
             raise ConfigError(f"unknown model.predictor.pool '{pool}'; use all or query")
@@ -259,10 +263,11 @@ class Predictor(nn.Module):
         self.visual_in = nn.Sequential(nn.LayerNorm(visual_dim), nn.Linear(visual_dim, dim))
         # Position matters: relations ("left of") are read off where a token sits in the grid.
         self.visual_pos = nn.Parameter(torch.zeros(1, max_visual_tokens, dim))
-        if query_tokens == "learned":
+        if query_tokens in ("learned", "words"):
             self.query_embed = nn.Embedding(vocab_size, dim)
-        else:
-            self.query_in = nn.Sequential(nn.LayerNorm(text_state_dim), nn.Linear(text_state_dim, dim))
+        if query_tokens != "learned":
+            width = text_state_dim if query_tokens == "text" else text_word_dim
+            self.query_in = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim))
         self.query_pos = nn.Parameter(torch.zeros(1, max_query_len, dim))
         self.type_embed = nn.Parameter(torch.zeros(2, dim))  # 0 = visual, 1 = query
         # Query tokens start at the scale of the visual tokens (which leave visual_in at O(1)): word
@@ -274,6 +279,8 @@ class Predictor(nn.Module):
             nn.init.trunc_normal_(p, std=0.02)
         if query_tokens == "learned":  # initialised here, as before the option existed: same seed, same model
             nn.init.normal_(self.query_embed.weight, std=0.02)
+        elif query_tokens == "words":  # per-word offsets start at zero: every word starts as Y embeds it
+            nn.init.zeros_(self.query_embed.weight)
         self.blocks = nn.ModuleList(
             Block(dim=dim, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, mlp=mlp) for _ in range(depth)
         )
@@ -287,13 +294,14 @@ class Predictor(nn.Module):
     @classmethod
     def from_config(cls, cfg: PredictorConfig, *, visual_dim: int, target_dim: int, vocab_size: int,
                     load_weights: bool = True, source: str | None = None, with_tokenizer: bool = True,
-                    text_state_dim: int | None = None) -> Predictor:
+                    text_state_dim: int | None = None, text_word_dim: int | None = None) -> Predictor:
         """Trained from scratch: nothing pretrained to load, no tokenizer of its own."""
         return cls(
             visual_dim=visual_dim, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, target_dim=target_dim,
             vocab_size=vocab_size, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout,
             max_query_len=cfg.max_query_len, max_visual_tokens=cfg.max_visual_tokens, registers=cfg.registers,
             mlp=cfg.mlp, pool=cfg.pool, query_tokens=cfg.query_tokens, text_state_dim=text_state_dim,
+            text_word_dim=text_word_dim,
             fusion=cfg.fusion, fusion_rank=cfg.fusion_rank,
         )
 
@@ -305,7 +313,8 @@ class Predictor(nn.Module):
         query_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """visual_tokens ``[B, N, Dv]``; query_ids / query_mask ``[B, L]`` or None (query-free);
-        ``query_states`` ``[B, L, H]``: the Y-encoder's token states of the query (``query_tokens=text``)."""
+        ``query_states`` ``[B, L, H]``: the Y-encoder's token states of the query (``query_tokens=text``) or
+        its input word embeddings (``query_tokens=words``)."""
         lengths = None
         if query_ids is not None and query_ids.shape[1] > 0 and self.max_length_buckets > 1 and (
             query_states is None or query_states.shape[:2] == query_ids.shape
@@ -347,9 +356,11 @@ class Predictor(nn.Module):
                 words = self.query_embed(query_ids)
             else:
                 if query_states is None or query_states.shape[:2] != query_ids.shape:
-                    raise ValueError("model.predictor.query_tokens=text needs query_states [B, L, H] matching "
-                                     "query_ids; VLJepa.predict reads them from the Y-encoder")
+                    raise ValueError(f"model.predictor.query_tokens={self.query_tokens} needs query_states [B, L, H] "
+                                     "matching query_ids; VLJepa.predict reads them from the Y-encoder")
                 words = self.query_in(query_states.to(x.dtype))
+                if self.query_tokens == "words":
+                    words = words + self.query_embed(query_ids)
             q = self.query_norm(words + self.query_pos[:, :q_len] + self.type_embed[1])
             x = torch.cat([x, q], dim=1)
             if query_mask is None:
@@ -533,7 +544,7 @@ TRANSFORMER_ONLY = ("query_tokens", "registers", "mlp", "pool", "fusion", "fusio
 
 def build_predictor(cfg: PredictorConfig, *, visual_dim: int, target_dim: int, vocab_size: int,
                     load_weights: bool = True, source: str | None = None, with_tokenizer: bool = True,
-                    text_state_dim: int | None = None) -> nn.Module:
+                    text_state_dim: int | None = None, text_word_dim: int | None = None) -> nn.Module:
     """Build the predictor named by ``cfg.kind``.
 
     ``vocab_size`` sizes the built-in predictor's query embedding (the Y tokenizer's); ``source`` is
@@ -552,7 +563,7 @@ def build_predictor(cfg: PredictorConfig, *, visual_dim: int, target_dim: int, v
                 raise ConfigError(f"model.predictor.{key}={getattr(cfg, key)} is for the built-in transformer; "
                                   f"model.predictor.kind={cfg.kind} does not use it (leave it at "
                                   f"{getattr(defaults, key)!r})")
-    extra = {"text_state_dim": text_state_dim} if cfg.kind == "transformer" else {}
+    extra = {"text_state_dim": text_state_dim, "text_word_dim": text_word_dim} if cfg.kind == "transformer" else {}
     return PREDICTORS[cfg.kind].from_config(cfg, visual_dim=visual_dim, target_dim=target_dim, vocab_size=vocab_size,
                                             load_weights=load_weights, source=source, with_tokenizer=with_tokenizer,
                                             **extra)

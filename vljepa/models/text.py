@@ -158,6 +158,23 @@ class TextEncoder(nn.Module):
             keep_frozen_base_in_eval(self, mode)
         return self
 
+    @property
+    def word_size(self) -> int | None:
+        """Width of the input word embeddings (``word_embeddings``); None when the tower has none to lend."""
+        table = self._word_table()
+        return None if table is None else table.embedding_dim
+
+    def _word_table(self) -> nn.Embedding | None:
+        return None
+
+    def word_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The tower's input word embeddings of ``input_ids`` ``[B, L, word_size]`` (no context, no gradient)."""
+        table = self._word_table()
+        if table is None:
+            raise ConfigError(f"the {self.cfg.kind} text tower exposes no input word embeddings")
+        with torch.no_grad():
+            return table(input_ids)
+
     def _need_tokenizer(self) -> None:
         if self.tokenizer is None:
             raise ConfigError("this text encoder was built without a tokenizer (with_tokenizer=False, for counting "
@@ -314,6 +331,10 @@ class HFTextEncoder(TextEncoder):
         self.hidden_size = self.dense[-1].linear.out_features if len(self.dense) else self.state_size
         self.vocab_size = len(self.tokenizer) if self.tokenizer is not None else self.model.config.vocab_size
         self._setup_training(self.model)
+
+    def _word_table(self) -> nn.Embedding | None:
+        table = self.model.get_input_embeddings()
+        return table if isinstance(table, nn.Embedding) else None
 
     def identity(self) -> dict:
         out = {"kind": "hf", "path": self.cfg.path, "pooling": self.pooling, "max_length": self.cfg.max_length,

@@ -187,7 +187,14 @@ class PatchViT(VisionEncoder):
 
 
 class TimmEncoder(VisionEncoder):
-    """A timm CNN used as a feature pyramid; one stage's map becomes the visual tokens."""
+    """A timm CNN used as a feature pyramid; one stage's map becomes the visual tokens.
+
+    ``fold_stages`` adds finer stages to each token: a finer map (reduction ``r`` against the main
+    stage's ``R``) is cut into ``(R/r) x (R/r)`` blocks, one per main-grid cell, and each block's
+    features are concatenated to its cell's channels (space to depth). A token then says what lies
+    in each part of its cell, which one deep cell, pooled over the whole cell, cannot: two objects
+    sharing a cell, or where in the cell an object sits.
+    """
 
     # LoRA on pointwise (1x1) convolutions of inverted-residual CNNs, or on timm ViT attention.
     lora_defaults = ("conv_pw", "conv_pwl", "attn.qkv", "attn.proj")
@@ -200,14 +207,25 @@ class TimmEncoder(VisionEncoder):
         self.backbone = timm.create_model(cfg.timm_name, pretrained=False, features_only=True)
         channels = self.backbone.feature_info.channels()
         reductions = self.backbone.feature_info.reduction()
-        try:
-            self.out_dim = channels[cfg.feature_stage]
-            self.reduction = reductions[cfg.feature_stage]
-        except IndexError as exc:
-            raise ConfigError(
-                f"model.vision.feature_stage={cfg.feature_stage} is out of range: "
-                f"{cfg.timm_name} has {len(channels)} stages (use -{len(channels)}..{len(channels) - 1})"
-            ) from exc
+        n = len(channels)
+        for key, stage in [("feature_stage", cfg.feature_stage)] + [("fold_stages", s) for s in cfg.fold_stages]:
+            if not -n <= stage < n:
+                raise ConfigError(
+                    f"model.vision.{key}={stage} is out of range: {cfg.timm_name} has {n} stages (use -{n}..{n - 1})"
+                )
+        self.out_dim = channels[cfg.feature_stage]
+        self.reduction = reductions[cfg.feature_stage]
+        self.folds: list[tuple[int, int]] = []  # (stage, block side)
+        for stage in cfg.fold_stages:
+            factor, rest = divmod(self.reduction, reductions[stage])
+            if factor < 2 or rest:
+                raise ConfigError(
+                    f"model.vision.fold_stages: stage {stage} (reduction {reductions[stage]}) must be finer than "
+                    f"feature_stage={cfg.feature_stage} (reduction {self.reduction}) by a whole factor; "
+                    f"{cfg.timm_name}'s reductions are {reductions}"
+                )
+            self.folds.append((stage, factor))
+            self.out_dim += channels[stage] * factor * factor
         pre = self.backbone.pretrained_cfg
         self.mean = tuple(pre.get("mean", IMAGENET_MEAN))
         self.std = tuple(pre.get("std", IMAGENET_STD))
@@ -234,12 +252,25 @@ class TimmEncoder(VisionEncoder):
 
     def _identity_extra(self) -> dict:
         c = self.cfg
-        return {"timm_name": c.timm_name, "weights": c.weights, "stage": c.feature_stage, "grid": c.grid}
+        extra = {"timm_name": c.timm_name, "weights": c.weights, "stage": c.feature_stage, "grid": c.grid}
+        if c.fold_stages:  # only when set, so caches written before the option existed stay valid
+            extra["fold_stages"] = list(c.fold_stages)
+        return extra
 
     def frame_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # channels-last runs the depthwise / pointwise convolutions of these CNNs ~1.6x faster on CPU.
         x = pixel_values.contiguous(memory_format=torch.channels_last)
-        fmap = self.backbone(x)[self.cfg.feature_stage]  # [B, C, h, w]
+        maps = self.backbone(x)
+        fmap = maps[self.cfg.feature_stage]  # [B, C, h, w]
+        if self.folds:
+            h, w = fmap.shape[-2:]
+            parts = [fmap]
+            for stage, factor in self.folds:
+                fine = maps[stage]
+                if fine.shape[-2:] != (h * factor, w * factor):  # odd input sizes: align to the main grid
+                    fine = F.adaptive_avg_pool2d(fine, (h * factor, w * factor))
+                parts.append(F.pixel_unshuffle(fine, factor))  # [B, C * factor^2, h, w]
+            fmap = torch.cat(parts, dim=1)
         if self.cfg.grid:
             fmap = F.adaptive_avg_pool2d(fmap, self.cfg.grid)
         return fmap.flatten(2).transpose(1, 2)
@@ -631,6 +662,12 @@ def build_vision_encoder(cfg: VisionConfig, *, load_weights: bool = True, source
         raise ConfigError(f"unknown model.vision.kind '{cfg.kind}'; choose one of {sorted(VISION_ENCODERS)}")
     if cfg.lora.r < 0:
         raise ConfigError(f"model.vision.lora.r must be >= 0, got {cfg.lora.r}")
+    encoder_cls = VISION_ENCODERS[cfg.kind]
+    if cfg.fold_stages and not issubclass(encoder_cls, TimmEncoder):
+        raise ConfigError(
+            f"model.vision.fold_stages folds a CNN's finer feature maps into its token grid; kind={cfg.kind} has no "
+            "feature pyramid: drop the option, or use kind=efficientnet_lite0 / timm"
+        )
     encoder_cls = VISION_ENCODERS[cfg.kind]
     if source is not None and encoder_cls in (OpenClipEncoder, HFVisionEncoder):
         encoder = encoder_cls(cfg, load_weights=False, source=source)

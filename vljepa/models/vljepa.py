@@ -139,7 +139,7 @@ class VLJepa(nn.Module):
         self.predictor = build_predictor(
             config.predictor, visual_dim=self.vision.out_dim, target_dim=config.embed_dim,
             vocab_size=self.text.vocab_size, load_weights=load_weights, source=predictor_source,
-            with_tokenizer=with_tokenizers, text_state_dim=self.text.state_size,
+            with_tokenizer=with_tokenizers, text_state_dim=self.text.state_size, text_word_dim=self.text.word_size,
         )
         # query_tokens=text with a frozen Y: each distinct query's token states, read once (token ids -> [L, H]).
         self._query_memo: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
@@ -276,8 +276,11 @@ class VLJepa(nn.Module):
             visual_tokens = self.encode_image(pixel_values)
         dtype = next(self.predictor.parameters()).dtype
         extra = {}
-        if query_ids is not None and query_ids.shape[1] > 0 and getattr(self.predictor, "query_tokens", "") == "text":
+        query_tokens = getattr(self.predictor, "query_tokens", "")
+        if query_ids is not None and query_ids.shape[1] > 0 and query_tokens == "text":
             extra["query_states"] = self.query_states(query_ids, query_mask)
+        elif query_ids is not None and query_ids.shape[1] > 0 and query_tokens == "words":
+            extra["query_states"] = self.text.word_embeddings(query_ids)
         z = self.predictor(visual_tokens.to(dtype), query_ids, query_mask, **extra)
         return F.normalize(z.float(), dim=-1)
 
