@@ -195,9 +195,12 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
-    schedule: Literal["cosine", "constant"] = "cosine"
+    # cosine: decay from the end of warmup to the last step. constant: the peak throughout. wsd
+    # (warmup-stable-decay): the peak until the last decay_fraction of the steps, then a cosine decay.
+    schedule: Literal["cosine", "constant", "wsd"] = "cosine"
     warmup_steps: int = 100
     min_lr_ratio: float = 0.02
+    decay_fraction: float = 0.3  # wsd: the share of all steps spent decaying
     grad_clip: float = 1.0  # 0 disables clipping
     head_lr_mult: float = 1.0  # learning-rate multiplier for the target head
 

@@ -7,9 +7,10 @@ import os
 
 import pytest
 import torch
+from torch import nn
 from PIL import Image
 
-from vljepa.config import OptimConfig, VisionConfig
+from vljepa.config import ConfigError, OptimConfig, VisionConfig
 from vljepa.data import cache as cache_module
 from vljepa.data.cache import EmbeddingCache, cache_key, file_items
 from vljepa.data.collate import Collator, ExampleIndex, Examples, TextTable, pad_ids
@@ -308,6 +309,22 @@ def test_lr_factor_warmup_and_cosine_endpoints():
     assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
     assert lr_factor(50, total=100, warmup=10, schedule="constant", min_ratio=0.1) == 1.0
     assert lr_factor(0, total=100, warmup=0, schedule="cosine", min_ratio=0.0) == pytest.approx(1.0)
+
+
+def test_lr_factor_wsd_holds_the_peak_then_decays_over_the_last_fraction():
+    kw = dict(total=100, warmup=10, schedule="wsd", min_ratio=0.1, decay_fraction=0.3)
+    assert lr_factor(4, **kw) == pytest.approx(0.5)  # the same warmup
+    assert [lr_factor(s, **kw) for s in (10, 40, 69, 70)] == pytest.approx([1.0] * 4)  # stable to step 70
+    assert lr_factor(85, **kw) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    assert lr_factor(100, **kw) == pytest.approx(0.1) and lr_factor(300, **kw) == pytest.approx(0.1)
+    values = [lr_factor(s, **kw) for s in range(70, 101)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+    # A decay longer than the steps after warmup starts right after warmup, as cosine does.
+    assert lr_factor(10, **{**kw, "decay_fraction": 1.0}) == pytest.approx(1.0)
+    assert lr_factor(55, **{**kw, "decay_fraction": 1.0}) == pytest.approx(lr_factor(55, **{**kw, "schedule": "cosine"}))
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ConfigError, match=r"optim.decay_fraction=0.0 must be in \(0, 1\]"):
+        build_scheduler(opt, OptimConfig(schedule="wsd", decay_fraction=0.0), 100)
 
 
 def test_scheduler_scales_every_group_by_the_factor(tiny_model):

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from vljepa.config import ModelConfig, OptimConfig
+from vljepa.config import ConfigError, ModelConfig, OptimConfig
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -59,19 +59,29 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, text_lr_mult: float |
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
 
-def lr_factor(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Linear warmup, then constant or cosine decay to ``min_ratio`` of the peak."""
+def lr_factor(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float,
+              decay_fraction: float = 0.3) -> float:
+    """Linear warmup, then constant, cosine decay to ``min_ratio`` of the peak, or (``wsd``) the peak
+    until the last ``decay_fraction`` of the ``total`` steps and a cosine decay over those."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    start = warmup
+    if schedule == "wsd":
+        start = max(warmup, total - round(decay_fraction * total))
+        if step < start:
+            return 1.0
+    progress = min(1.0, (step - start) / max(1, total - start))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    if cfg.schedule == "wsd" and not 0 < cfg.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction={cfg.decay_fraction} must be in (0, 1]: the share of the steps "
+                          "the wsd schedule spends decaying")
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_factor(step, total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule,
-                               min_ratio=cfg.min_lr_ratio),
+                               min_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction),
     )
