@@ -114,8 +114,9 @@ class PredictorConfig:
     query_tokens: Literal["learned", "text", "words"] = "learned"
     # transformer: "match" adds a branch beside the transformer: per image token, the product of its
     # features with the query's words, a small MLP, averaged over the image, added to the pooled state
-    # (see predictor.QueryMatch). Yes/no questions ("is there a red circle?") need that product; the
-    # transformer alone did not learn them on the built-in world. "none" leaves it out.
+    # (see predictor.QueryMatch), built for yes/no questions ("is there a red circle?"). On the built-in
+    # world it did not make them come earlier: the transformer alone learns them, after a plateau at
+    # chance that ends with a sudden transition. "none" leaves it out.
     fusion: Literal["none", "match"] = "none"
     fusion_rank: int = 0  # width of the product (0 = the predictor's dim)
 
