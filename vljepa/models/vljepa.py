@@ -277,10 +277,11 @@ class VLJepa(nn.Module):
         dtype = next(self.predictor.parameters()).dtype
         extra = {}
         query_tokens = getattr(self.predictor, "query_tokens", "")
-        if query_ids is not None and query_ids.shape[1] > 0 and query_tokens == "text":
-            extra["query_states"] = self.query_states(query_ids, query_mask)
-        elif query_ids is not None and query_ids.shape[1] > 0 and query_tokens == "words":
-            extra["query_states"] = self.text.word_embeddings(query_ids)
+        if query_ids is not None and query_ids.shape[1] > 0:
+            if query_tokens == "text":
+                extra["query_states"] = self.query_states(query_ids, query_mask)
+            elif query_tokens == "words":
+                extra["query_states"] = self.text.word_embeddings(query_ids)
         z = self.predictor(visual_tokens.to(dtype), query_ids, query_mask, **extra)
         return F.normalize(z.float(), dim=-1)
 
