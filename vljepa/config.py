@@ -116,9 +116,14 @@ class PredictorConfig:
     # features with the query's words, a small MLP, averaged over the image, added to the pooled state
     # (see predictor.QueryMatch), built for yes/no questions ("is there a red circle?"). On the built-in
     # world it did not make them come earlier: the transformer alone learns them, after a plateau at
-    # chance that ends with a sudden transition. "none" leaves it out.
-    fusion: Literal["none", "match"] = "none"
-    fusion_rank: int = 0  # width of the product (0 = the predictor's dim)
+    # chance that ends with a sudden transition. "pointer" adds where the question's words point
+    # (predictor.PointerGeometry): every query token points at the image with ``pointers`` softmax
+    # heads, and the offsets between the later- and the earlier-named things' expected (x, y), gated by
+    # the question, are added to the pooled state, for spatial relations ("is the red circle left of
+    # the blue star?"). "none" leaves both out.
+    fusion: Literal["none", "match", "pointer"] = "none"
+    fusion_rank: int = 0  # width of the product (0 = the predictor's dim; pointer: a quarter of it)
+    pointers: int = 4  # fusion=pointer: how many pointers (each one expected (x, y) over the image)
 
 
 @dataclass

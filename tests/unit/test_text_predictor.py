@@ -502,7 +502,8 @@ def test_text_registry_and_lora_target_errors():
 
 
 @pytest.mark.parametrize("key,value", [("query_tokens", "text"), ("registers", 2), ("mlp", "swiglu"),
-                                       ("pool", "query"), ("fusion", "match"), ("fusion_rank", 8)])
+                                       ("pool", "query"), ("fusion", "match"), ("fusion_rank", 8),
+                                       ("fusion", "pointer"), ("pointers", 2)])
 def test_hf_lm_refuses_options_of_the_built_in_transformer(lm_folders, key, value):
     """Set on kind=hf_lm, a transformer-only option would be silently ignored: it is an error naming it."""
     folder, _ = next(iter(lm_folders.values()))
