@@ -448,9 +448,8 @@ class Predictor(nn.Module):
             coords = grid_coordinates(n)
             if coords is None:
                 raise ConfigError(f"model.predictor.fusion=pointer needs a square grid of visual tokens; got {n}")
-            coords = coords.to(device=x.device, dtype=x.dtype)
-            # masked_mean over an all-padding query is zero: a query-free row of a mixed batch gets nothing.
-            pooled = pooled + self.pointer(x[:, :n], coords, x[:, n:], query_mask)
+            # A query-free row of a mixed batch (all-padding query) gets zero from the branch.
+            pooled = pooled + self.pointer(x[:, :n], coords.to(device=x.device, dtype=x.dtype), x[:, n:], query_mask)
         if self.match is not None and words is not None:
             pooled = pooled + self.match(visual_tokens.to(pooled.dtype), words, query_mask)
         return self.head(pooled)  # [B, target_dim]
