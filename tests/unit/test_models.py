@@ -172,6 +172,8 @@ def test_predictor_pointer_branch():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     with pytest.raises(ConfigError, match="fusion=pointer needs a square grid"):
         p(torch.randn(1, 15, 8), ids[:1], mask[:1])
+    with pytest.raises(ConfigError, match="model.predictor.pointers=0 must be >= 1"):
+        _predictor(fusion="pointer", pointers=0)
 
 
 def test_predictor_limits_and_errors():

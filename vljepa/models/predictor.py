@@ -301,6 +301,8 @@ class Predictor(nn.Module):
             raise ConfigError(f"unknown model.predictor.fusion '{fusion}'; use none, match or pointer")
         if fusion_rank < 0:
             raise ConfigError(f"model.predictor.fusion_rank={fusion_rank} must be >= 0 (0 = the predictor's dim)")
+        if fusion == "pointer" and pointers < 1:
+            raise ConfigError(f"model.predictor.pointers={pointers} must be >= 1 with fusion=pointer")
         if query_tokens not in ("learned", "text", "words"):
             raise ConfigError(f"unknown model.predictor.query_tokens '{query_tokens}'; use learned, text or words")
         if query_tokens == "text" and not text_state_dim:
