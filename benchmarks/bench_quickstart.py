@@ -41,13 +41,13 @@ from vljepa import embed
 from vljepa.config import RunConfig, config_dir, load_config
 from vljepa.data.cache import EmbeddingCache
 from vljepa.data.formats import SkipReport
-from vljepa.data.sources import read_split
+from vljepa.data.readers import read_split
 from vljepa.data.world import generate_world
 from vljepa.decode.nearest import CandidateBank
 from vljepa.embed import autocast, cached_image_tokens, cached_text_features, embed_texts, predict_batched
 from vljepa.models.vljepa import VLJepa
 from vljepa.train.optim import build_optimizer, build_scheduler
-from vljepa.train.trainer import build_training_data
+from vljepa.train.data import build_training_data
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE2 = config_dir() / "train" / "quickstart_stage2.yaml"
@@ -170,7 +170,7 @@ def bench_cache(model: VLJepa, cfg: RunConfig, split: Path, cache_dir: Path, siz
     images = list(dict.fromkeys(r.image for r in records))
     texts = list(dict.fromkeys(c for r in records for c in r.captions))
     precision = cfg.train.precision
-    with_states = model.target_head.needs_states
+    with_states = model.target_head.reads_states
     # First calls pay one-time costs (kernel selection, lazy imports) that no cache build repeats.
     cached_image_tokens(model, images[:2], None, on_error=cfg.data.on_error, report=SkipReport(), precision=precision)
     cached_text_features(model, texts[:4], None, with_states=with_states, precision=precision)
@@ -366,15 +366,11 @@ def bench_train(model: VLJepa, cfg: RunConfig, sizes: dict) -> dict:
         if "bf16" in res:
             res["bf16_speedup"] = res["bf16"]["samples_per_s"] / res["fp32"]["samples_per_s"]
         # The same fp32 steps with every batch run as one padded block (no length groups).
-        parts = [m for m in (model.predictor, model.target_head) if hasattr(m, "max_length_buckets")]
-        saved = [m.max_length_buckets for m in parts]
-        for m in parts:
-            m.max_length_buckets = 1
+        saved, model.max_length_groups = model.max_length_groups, 1
         try:
             res["fp32_padded"] = bench_train_step(model, cfg, batches, "fp32", sizes)
         finally:
-            for m, v in zip(parts, saved):
-                m.max_length_buckets = v
+            model.max_length_groups = saved
         res["length_buckets_speedup"] = res["fp32"]["samples_per_s"] / res["fp32_padded"]["samples_per_s"]
         log(f"train  {task:<8} fp32 one padded block: {res['fp32_padded']['samples_per_s']:.0f} samples/s "
             f"-> length groups {res['length_buckets_speedup']:.2f}x")

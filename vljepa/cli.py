@@ -164,7 +164,8 @@ def _cmd_summary(args: argparse.Namespace) -> None:
     import torch
 
     from vljepa.config import load_config
-    from vljepa.models.vljepa import VLJepa, architecture_only
+    from vljepa.hub import architecture_only
+    from vljepa.models.vljepa import VLJepa
 
     cfg = load_config(args.config, args.overrides)
     # Counting needs shapes only: build from config files on the meta device (no memory, no weights,

@@ -15,7 +15,7 @@ import torch
 
 from vljepa.data.cache import EmbeddingCache, file_items
 from vljepa.data.formats import SkipReport
-from vljepa.data.sources import load_image
+from vljepa.data.readers import load_image
 from vljepa.data.transforms import image_transform
 from vljepa.models.vljepa import VLJepa
 
@@ -98,12 +98,12 @@ def encode_images(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Visual tokens ``[N, Ntok, Dv]`` (float32, CPU) and ``ok`` ``[N]`` for image files."""
     report = report if report is not None else SkipReport()
-    device = model.logit_scale.device
+    device = model.device
     chunks, oks = [], []
     for start in range(0, len(paths), batch_size):
         pixels, ok = load_pixels(paths[start : start + batch_size], model, on_error=on_error, report=report)
-        # On the CPU the tower runs in small chunks whose activations stay in cache: EfficientNet-Lite0
-        # at 128 px takes 9 ms per image in chunks of 32 and 14 ms in batches of 128 (2-core EPYC).
+        # On the CPU the tower runs in small chunks whose activations stay in cache, which is faster per
+        # image than one large batch (benchmarks/bench_quickstart.py measures both).
         step = CPU_VISION_CHUNK if device.type == "cpu" else len(pixels)
         for s in range(0, len(pixels), max(1, step)):
             with autocast(precision, device):
@@ -119,28 +119,30 @@ CPU_TEXT_CHUNK = 64  # texts per call of the Y-encoder on the CPU
 
 
 def text_batch_size(batch_size: int, device: torch.device) -> int:
-    """Texts per Y-encoder call: on the CPU at most ``CPU_TEXT_CHUNK`` (all-MiniLM-L6-v2 on length-sorted
-    captions: 5.3 ms per text in batches of 64, 6.2 ms in batches of 256 on 2 EPYC cores)."""
+    """Texts per Y-encoder call: on the CPU at most ``CPU_TEXT_CHUNK``, where smaller batches of
+    length-sorted texts run faster per text than large ones."""
     return max(1, min(batch_size, CPU_TEXT_CHUNK)) if device.type == "cpu" else batch_size
 
 
 @torch.no_grad()
 def encode_text_features(
-    model: VLJepa, texts: Sequence[str], *, batch_size: int = 256, with_states: bool = False, precision: str = "no"
+    model: VLJepa, texts: Sequence[str], *, batch_size: int = 256, with_states: bool = False, precision: str = "no",
+    max_length: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Y-encoder outputs for ``texts``: ``pooled`` [N, H] and, with states, flat token states.
+    """Y-encoder outputs for ``texts``: ``pooled`` [N, H] and, with states, flat token states
+    (texts tokenised to at most ``max_length`` tokens; default: the Y-encoder's own limit).
 
     Token states are stored flat (``states`` [sum of lengths, H], ``offsets`` [N + 1]) so short
     texts do not pay for the longest one. Texts are encoded in length order to cut padding.
     """
-    device = model.logit_scale.device
+    device = model.device
     batch_size = text_batch_size(batch_size, device)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    pooled = torch.zeros(len(texts), model.text.hidden_size)
+    pooled = torch.zeros(len(texts), model.text.pooled_size)
     per_text: list[torch.Tensor | None] = [None] * len(texts)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        tok = model.tokenize([texts[i] for i in idx])
+        tok = model.tokenize([texts[i] for i in idx], max_length=max_length)
         with autocast(precision, device):
             enc = model.text(tok["input_ids"].to(device), tok["attention_mask"].to(device))
         pooled[idx] = enc.pooled.float().cpu()
@@ -152,7 +154,7 @@ def encode_text_features(
     out = {"pooled": pooled}
     if with_states:
         lengths = torch.tensor([t.shape[0] for t in per_text])
-        out["states"] = torch.cat(per_text) if per_text else torch.zeros(0, model.text.state_size)
+        out["states"] = torch.cat(per_text) if per_text else torch.zeros(0, model.text.hidden_size)
         out["offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     return out
 
@@ -194,13 +196,13 @@ def cached_image_tokens(
 
 def cached_text_features(
     model: VLJepa, texts: Sequence[str], cache: EmbeddingCache | None, *, with_states: bool,
-    precision: str = "no", batch_size: int = 256,
+    precision: str = "no", batch_size: int = 256, max_length: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], bool]:
     """``encode_text_features`` through the cache: (features, hit)."""
 
     def compute():
         feats = encode_text_features(model, texts, batch_size=batch_size, with_states=with_states,
-                                     precision=precision)
+                                     precision=precision, max_length=max_length)
         whole = {k: feats.pop(k) for k in ("states", "offsets") if k in feats}
         return feats, whole
 
@@ -208,7 +210,7 @@ def cached_text_features(
         sharded, whole = compute()
         return {**sharded, **whole}, False
     identity = {"text": model.text.identity(), "weights": weights_digest(model.text), "states": with_states,
-                "precision": precision}
+                "precision": precision, "max_length": max_length}
     return cache.get_or_compute(identity, texts, compute)
 
 
@@ -217,7 +219,7 @@ def embed_texts(model: VLJepa, texts: Sequence[str], *, batch_size: int = 256, p
     """Target-space embeddings ``[N, D]`` for texts (Y + target head), L2-normalised.
 
     Texts are embedded in length order (less padding) and returned in the order given."""
-    device = model.logit_scale.device
+    device = model.device
     if not texts:
         return torch.zeros(0, model.config.embed_dim)
     batch_size = text_batch_size(batch_size, device)
@@ -234,7 +236,7 @@ def predict_batched(
     *, batch_size: int = 256, precision: str = "no",
 ) -> torch.Tensor:
     """Predicted embeddings ``[M, D]`` for (image, query) pairs over precomputed visual tokens."""
-    device = model.logit_scale.device
+    device = model.device
     out = []
     for s in range(0, len(image_index), batch_size):
         idx = torch.tensor(image_index[s : s + batch_size], dtype=torch.long)

@@ -37,7 +37,7 @@ def main() -> None:
     run = prepare_run(cfg)
     run.model.train()
     batch = next(iter(run.loader))
-    loss, _ = forward_backward(run, batch, cfg)
+    loss, _, _ = forward_backward(run, batch, cfg)
     grads = {name: p.grad.detach().clone() for name, p in run.raw_model.named_parameters() if p.grad is not None}
     if run.accelerator.is_main_process:
         save_file({"loss": loss.detach().reshape(1), **{f"grad/{k}": v for k, v in grads.items()},

@@ -57,7 +57,7 @@ def test_bf16_step_matches_fp32(tiny_world, make_tiny_overrides, tmp_path):
         run = prepare_run(cfg)
         run.model.train()
         batch = next(iter(run.loader))
-        loss, _ = forward_backward(run, batch, cfg)
+        loss, _, _ = forward_backward(run, batch, cfg)
         grads = torch.cat([p.grad.flatten() for p in run.raw_model.parameters() if p.grad is not None])
         results[precision] = (loss.item(), grads)
     (l32, g32), (l16, g16) = results["no"], results["bf16"]

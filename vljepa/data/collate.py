@@ -9,7 +9,8 @@ Batch keys (shapes): ``visual_tokens`` [B, N, Dv] (cached frozen X) or ``pixel_v
 [B, 3, H, W]; ``query_ids`` / ``query_mask`` [B, L] (absent when every query is empty);
 ``target_pooled`` [B, H] and optionally ``target_states`` [B, T, H] / ``target_mask`` [B, T]
 (cached frozen Y), or ``target_ids`` / ``target_mask`` [B, T] (Y runs in the step);
-``target_groups`` [B].
+``target_groups`` [B]; ``query_states`` [B, L, H] when the Collator has a table of the queries'
+Y-encoder token states (a predictor that reads them, frozen Y).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Examples:
     image: list[int]  # index into the image table
     query: list[list[int]]  # query token ids (empty list = query-free)
     targets: list[tuple[int, ...]]  # candidate target text indices (one is drawn per epoch)
+    query_row: list[int] | None = None  # row of each query in the Collator's query_table (0 = no query)
 
     def __len__(self) -> int:
         return len(self.image)
@@ -56,6 +58,20 @@ def pad_ids(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tenso
     return ids, mask
 
 
+def pad_flat(states: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor,
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of flat per-token ``states`` ``[sum of lengths, H]`` (row ``i`` spans ``offsets[i]`` to
+    ``offsets[i + 1]``), right-padded to ``width`` (default: the longest): states ``[B, T, H]``, mask ``[B, T]``."""
+    starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
+    t = int(lengths.max()) if width is None else width
+    out = states.new_zeros((len(rows), t, states.shape[1]))
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for row, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        out[row, :n] = states[s : s + n]
+        mask[row, :n] = 1
+    return out, mask
+
+
 class TextTable:
     """Target texts as cached Y outputs (pooled, optional flat token states) or as token ids."""
 
@@ -77,15 +93,7 @@ class TextTable:
             return {"target_ids": ids, "target_mask": mask}
         out = {"target_pooled": self.pooled[idx]}
         if self.states is not None:
-            starts, ends = self.offsets[idx], self.offsets[idx + 1]
-            lengths = ends - starts
-            t = int(lengths.max())
-            states = self.states.new_zeros((len(idx), t, self.states.shape[1]))
-            mask = torch.zeros((len(idx), t), dtype=torch.long)
-            for row, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
-                states[row, :n] = self.states[s : s + n]
-                mask[row, :n] = 1
-            out.update(target_states=states, target_mask=mask)
+            out["target_states"], out["target_mask"] = pad_flat(self.states, self.offsets, idx)
         return out
 
 
@@ -99,12 +107,15 @@ class Collator:
         *,
         visual_tokens: torch.Tensor | None = None,
         load_pixels: Callable[[int], torch.Tensor] | None = None,
+        query_table: TextTable | None = None,
         seed: int = 0,
     ) -> None:
         if (visual_tokens is None) == (load_pixels is None):
             raise ValueError("Collator needs exactly one of visual_tokens (cached) or load_pixels")
         self.examples, self.texts = examples, texts
-        self.visual_tokens, self.load_pixels = visual_tokens, load_pixels
+        if query_table is not None and (examples.query_row is None or query_table.states is None):
+            raise ValueError("a query_table needs token states and examples with query_row")
+        self.visual_tokens, self.load_pixels, self.query_table = visual_tokens, load_pixels, query_table
         self.seed = seed
         self.epoch = 0
 
@@ -128,6 +139,10 @@ class Collator:
         queries = [ex.query[i] for i in indices]
         if any(queries):
             batch["query_ids"], batch["query_mask"] = pad_ids(queries)
+            if self.query_table is not None:
+                rows = torch.tensor([ex.query_row[i] for i in indices], dtype=torch.long)
+                batch["query_states"], _ = pad_flat(self.query_table.states, self.query_table.offsets, rows,
+                                                    width=batch["query_ids"].shape[1])
         targets = torch.tensor([self.choose_target(i) for i in indices], dtype=torch.long)
         batch.update(self.texts.batch(targets))
         batch["target_groups"] = targets

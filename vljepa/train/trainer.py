@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import pickle
 import resource
 import shutil
 import time
@@ -19,17 +19,17 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from vljepa.config import ConfigError, RunConfig, SourceConfig, save_config
-from vljepa.data.cache import EmbeddingCache
-from vljepa.data.collate import Collator, ExampleIndex, Examples, TextTable
-from vljepa.data.formats import DataError, SkipReport
-from vljepa.data.sources import load_image, read_source
-from vljepa.embed import cached_image_tokens, cached_text_features, pixel_loader, resolve_precision
-from vljepa.models.vljepa import VLJepa, read_model_meta
+from vljepa.atomic import publish
+from vljepa.config import ConfigError, RunConfig, save_config
+from vljepa.data.formats import SkipReport
+from vljepa.embed import resolve_precision
+from vljepa.hub import load_weights_into, read_model_meta
+from vljepa.losses import total_loss
+from vljepa.models.vljepa import VLJepa
+from vljepa.train.data import TrainingData, build_training_data, read_training_records, training_loader
 from vljepa.train.optim import build_optimizer, build_scheduler
 
 
@@ -44,174 +44,10 @@ class TrainResult:
     eval: dict = field(default_factory=dict)
 
 
-@dataclass
-class TrainingData:
-    examples: Examples
-    collator: Collator
-    images: list[str]
-    texts: list[str]
-    skipped: SkipReport
-    cache_hits: dict[str, bool]
-    encode_seconds: float
-    mixture: list[float] | None = None  # per-example sampling weights, or None for plain shuffling
-
-
-def training_sources(cfg: RunConfig) -> list[SourceConfig]:
-    """``data.train`` (one imagefolder split, task ``data.task``) followed by ``data.sources``."""
-    sources = []
-    if cfg.data.train:
-        tasks = ["caption", "vqa"] if cfg.data.task == "mixed" else [cfg.data.task]
-        sources = [SourceConfig(path=cfg.data.train, format="imagefolder", task=t) for t in tasks]
-    sources += list(cfg.data.sources)
-    if not sources:
-        raise ConfigError("no training data: set data.train to a split folder or list data.sources")
-    return sources
-
-
-def _task_records(cfg: RunConfig, report: SkipReport) -> list[tuple[SourceConfig, list]]:
-    out = []
-    for source in training_sources(cfg):
-        records, skipped = read_source(source, on_error=cfg.data.on_error, work_dir=_work_dir(cfg))
-        report.merge(skipped)
-        out.append((source, records))
-    return out
-
-
-def _work_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.data.cache_dir or Path(cfg.train.output_dir) / "cache")
-
-
-def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator) -> TrainingData:
-    """Records -> examples over an image table and a unique-text table, frozen towers cached."""
-    report = SkipReport()
-    with accelerator.main_process_first():  # sources in containers are unpacked once, by the main process
-        per_task = _task_records(cfg, report)
-    images: dict[str, int] = {}
-    texts: dict[str, int] = {}
-    chunks: list[list[str]] = []  # texts first seen in each task, cached chunk by chunk
-    raw: list[tuple[int, str, tuple[int, ...]]] = []
-    weights: list[float] = []  # per example: its source's weight shared over the source's examples
-    for source, records in per_task:
-        first_new = len(texts)
-        weights += [source.weight / max(1, len(records))] * len(records)
-        for r in records:
-            img = images.setdefault(r.image, len(images))
-            if source.task == "caption":
-                targets = tuple(texts.setdefault(c, len(texts)) for c in r.captions)
-                raw.append((img, "", targets))
-            else:
-                raw.append((img, r.question, (texts.setdefault(r.answer, len(texts)),)))
-        chunks.append(list(texts)[first_new:])
-    image_list, text_list = list(images), list(texts)
-    cache = EmbeddingCache(_work_dir(cfg)) if cfg.data.cache else None
-    hits: dict[str, bool] = {}
-    visual_tokens = None
-    precision = cfg.train.precision
-    t0 = time.time()
-    # Only towers whose outputs never change (frozen, no LoRA adapters) are encoded once and cached;
-    # with data.cache=false they run inside every step instead.
-    if cfg.data.cache and model.vision.static:
-        with accelerator.main_process_first():
-            visual_tokens, ok, hits["images"] = cached_image_tokens(
-                model, image_list, cache, on_error=cfg.data.on_error, report=report, precision=precision)
-    else:
-        ok = _check_images(image_list, cfg.data.on_error, report)
-    # Records whose image could not be read are dropped, and counted.
-    keep = [i for i, (img, _, _) in enumerate(raw) if ok[img]]
-    for i in sorted(set(range(len(raw))) - set(keep)):
-        report.add("record of an unreadable image", image_list[raw[i][0]])
-    raw = [raw[i] for i in keep]
-    weights = [weights[i] for i in keep]
-    if not raw:
-        raise DataError(f"no usable training records in {', '.join(repr(s.path) for s, _ in per_task)}; "
-                        f"{report.summary()}")
-
-    if cfg.data.cache and model.text.static:
-        parts = []
-        with accelerator.main_process_first():
-            for i, chunk in enumerate(c for c in chunks if c):
-                feats, hits[f"texts{i}"] = cached_text_features(
-                    model, chunk, cache, with_states=model.target_head.needs_states, precision=precision)
-                parts.append(feats)
-        table = TextTable(**_concat_text_features(parts))
-    else:
-        tok = model.tokenize(text_list)
-        table = TextTable(token_ids=[ids[m.bool()].tolist() for ids, m in zip(tok["input_ids"], tok["attention_mask"])])
-    encode_seconds = time.time() - t0
-
-    queries = sorted({q for _, q, _ in raw if q})
-    qtok = model.tokenize_queries(queries) if queries else None  # the predictor's tokenizer (Y's or an LM's)
-    qids = {"": []}
-    if qtok is not None:
-        for q, ids, m in zip(queries, qtok["query_ids"], qtok["query_mask"]):
-            qids[q] = ids[m.bool()].tolist()
-    examples = Examples(image=[r[0] for r in raw], query=[qids[r[1]] for r in raw], targets=[r[2] for r in raw])
-    # Sources with weights other than 1 are mixed by weight; otherwise every example once an epoch.
-    mixture = weights if any(src.weight != 1.0 for src, _ in per_task) else None
-    if visual_tokens is not None:
-        collator = Collator(examples, table, visual_tokens=visual_tokens, seed=cfg.train.seed)
-    else:
-        to_tensor = pixel_loader(model)
-        collator = Collator(examples, table, seed=cfg.train.seed,
-                            load_pixels=lambda j: to_tensor(load_image(image_list[j], "stop")))
-    return TrainingData(examples, collator, image_list, text_list, report, hits, encode_seconds, mixture)
-
-
-def _concat_text_features(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Join per-chunk text features; flat token-state offsets are shifted to follow each other."""
-    out = {"pooled": torch.cat([p["pooled"] for p in parts])}
-    if "states" in parts[0]:
-        out["states"] = torch.cat([p["states"] for p in parts])
-        offsets, base = [parts[0]["offsets"][:1]], 0
-        for p in parts:
-            offsets.append(p["offsets"][1:] + base)
-            base += int(p["offsets"][-1])
-        out["offsets"] = torch.cat(offsets)
-    return out
-
-
-def _check_images(paths: list[str], on_error: str, report: SkipReport) -> torch.Tensor:
-    ok = torch.zeros(len(paths), dtype=torch.bool)
-    for i, p in enumerate(paths):
-        if load_image(p, on_error) is None:
-            report.add("unreadable image", p)
-        else:
-            ok[i] = True
-    return ok
-
-
-class MixtureSampler(torch.utils.data.Sampler[int]):
-    """Draws an epoch's worth of example indices with replacement, by weight, from (seed, epoch),
-    so every process draws the same sequence and a resumed run draws what it would have drawn."""
-
-    def __init__(self, weights: list[float], *, seed: int) -> None:
-        self.weights = torch.tensor(weights, dtype=torch.double)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.weights)
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from torch.multinomial(self.weights, len(self.weights), replacement=True, generator=g).tolist()
-
-
 def load_init(model: VLJepa, folder: str) -> None:
     """Start from a saved model (stage 2 from stage 1); the architectures must agree."""
-    path = Path(folder)
-    meta = read_model_meta(path)
-    state = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            f"train.init_from='{folder}' does not fit this model config (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}); use the same model section as the run that saved it "
-            f"(its config: {meta['model']})"
-        )
+    read_model_meta(Path(folder))
+    load_weights_into(model, folder, what="train.init_from")
 
 
 def _checkpoints(folder: Path) -> list[Path]:
@@ -219,13 +55,6 @@ def _checkpoints(folder: Path) -> list[Path]:
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "trainer.json").is_file()]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def _save_checkpoint(accelerator: Accelerator, folder: Path, progress: dict, keep: int) -> Path:
@@ -245,10 +74,7 @@ def _save_checkpoint(accelerator: Accelerator, folder: Path, progress: dict, kee
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
             (tmp / "trainer.json").write_text(json.dumps(progress))
-            _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            publish(tmp, final)
             for old in _checkpoints(folder)[:-keep] if keep > 0 else []:
                 shutil.rmtree(old)
     except OSError as exc:
@@ -261,6 +87,21 @@ def _save_checkpoint(accelerator: Accelerator, folder: Path, progress: dict, kee
         ) from exc
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator: Accelerator, folder: Path) -> None:
+    """``load_state`` of a checkpoint written by :func:`_save_checkpoint`; a file in it that is not
+    plain tensors (a pickle of other objects, which ``weights_only`` loading refuses) or is cut short
+    is an error naming the checkpoint and what to do."""
+    try:
+        accelerator.load_state(str(folder))
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as exc:
+        # torch's own message advises weights_only=False, which would run the file's code: not repeated here.
+        raise ConfigError(
+            f"--resume: checkpoint '{folder}' cannot be loaded safely ({exc.__class__.__name__}): it holds "
+            "something other than the tensors and plain state vljepa writes, so it is not ours or is damaged. Delete "
+            f"'{folder}' to resume from the checkpoint before it, or run without --resume to start fresh"
+        ) from exc
 
 
 class CheckpointError(RuntimeError):
@@ -288,7 +129,9 @@ def _grad_cache_backward(model, raw_model: VLJepa, batch: dict, chunk: int, acce
         out = {k: v[s:e] for k, v in batch.items()}
         if "query_mask" in out:  # trim padding the chunk does not need
             width = max(1, int(out["query_mask"].sum(1).max()))
-            out["query_ids"], out["query_mask"] = out["query_ids"][:, :width], out["query_mask"][:, :width]
+            for key in ("query_ids", "query_mask", "query_states"):
+                if key in out:
+                    out[key] = out[key][:, :width]
         return out
 
     with torch.no_grad():
@@ -296,8 +139,9 @@ def _grad_cache_backward(model, raw_model: VLJepa, batch: dict, chunk: int, acce
     pred = torch.cat([o.pred for o in embs]).requires_grad_(True)
     target = torch.cat([o.target for o in embs]).requires_grad_(True)
     with accelerator.autocast():
-        terms = raw_model.loss_terms(pred, target, batch.get("target_groups"))
-    accelerator.backward(terms["loss"])  # fills pred.grad, target.grad and the temperature's grad
+        terms = raw_model.criterion(pred, target, batch.get("target_groups"))
+    loss = total_loss(terms)
+    accelerator.backward(loss)  # fills pred.grad, target.grad and the temperature's grad
     with accelerator.no_sync(model):
         for s, e in spans:
             out = model(part(s, e), with_loss=False)
@@ -308,13 +152,13 @@ def _grad_cache_backward(model, raw_model: VLJepa, batch: dict, chunk: int, acce
             if p.grad is not None:
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= accelerator.num_processes
-    return terms
+    return loss, {k: v.detach() for k, v in terms.items()}
 
 
 def dry_run(cfg: RunConfig) -> dict:
     """Check config and data without training: records read, images found, model built."""
     report = SkipReport()
-    counts = {f"{src.path} ({src.task})": len(records) for src, records in _task_records(cfg, report)}
+    counts = {f"{src.path} ({src.task})": len(records) for src, records in read_training_records(cfg, report)}
     model = VLJepa(cfg.model, load_weights=False)
     if cfg.train.init_from:
         read_model_meta(Path(cfg.train.init_from))
@@ -364,9 +208,6 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     ``train.precision=auto`` is resolved here; the run's ``config.yaml`` records what ran."""
     cfg = with_resolved_precision(cfg)
     tc = cfg.train
-    if tc.grad_cache_chunk and cfg.model.loss.target_spread > 0:
-        raise ConfigError("model.loss.target_spread is not computed under gradient caching "
-                          f"(train.grad_cache_chunk={tc.grad_cache_chunk}); set one of them to 0")
     out = Path(tc.output_dir)
     # A seedable sampler draws each epoch's order from (train.seed, epoch) alone, so a run resumed in
     # any epoch skips the batches it already trained on of the same order (the DataLoader generator
@@ -397,15 +238,9 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     per_process = tc.batch_size // accelerator.num_processes
     if per_process * accelerator.num_processes != tc.batch_size:
         raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by {accelerator.num_processes} processes")
-    if data.mixture is None:
-        sampler = torch.utils.data.RandomSampler(ExampleIndex(len(data.examples)),
-                                                 generator=torch.Generator().manual_seed(tc.seed))
-    else:
-        sampler = MixtureSampler(data.mixture, seed=tc.seed)
-    loader = DataLoader(ExampleIndex(len(data.examples)), batch_size=per_process, sampler=sampler, drop_last=True,
-                        collate_fn=data.collator, num_workers=cfg.data.num_workers)
-    if len(loader) == 0:
-        raise ConfigError(f"train.batch_size={tc.batch_size} is larger than the {len(data.examples)} training examples")
+    loader = training_loader(data, cfg, per_process=per_process, pin_memory=accelerator.device.type == "cuda")
+    if tc.compile:
+        model.predictor.compile(dynamic=True)  # in place: parameter names and the state dict stay as they are
     optimizer = build_optimizer(model, cfg.optim, device=accelerator.device)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -413,18 +248,21 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     return PreparedRun(accelerator, model, accelerator.unwrap_model(model), data, loader, optimizer, scheduler, started)
 
 
-def forward_backward(run: PreparedRun, batch: dict, cfg: RunConfig) -> tuple[torch.Tensor, dict]:
-    """Loss and gradients for one batch (gradient caching when train.grad_cache_chunk > 0).
+def forward_backward(run: PreparedRun, batch: dict, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Loss, whether it is finite, and the metrics of one batch, with its gradients accumulated
+    (gradient caching when train.grad_cache_chunk > 0).
 
-    A non-finite loss is returned without a backward pass; the caller decides (train.on_nan).
+    Everything returned stays on the device (detached), so nothing waits for the device here; the
+    caller reads ``finite`` (train.on_nan) before the optimizer step and the metrics when it logs.
     """
     if cfg.train.grad_cache_chunk:
-        terms = _grad_cache_backward(run.model, run.raw_model, batch, cfg.train.grad_cache_chunk, run.accelerator)
-        return terms["loss"], {k: float(v.detach()) for k, v in terms.items() if k != "loss"}
+        loss, metrics = _grad_cache_backward(run.model, run.raw_model, batch, cfg.train.grad_cache_chunk,
+                                             run.accelerator)
+        return loss, torch.isfinite(loss), metrics
     output = run.model(batch)
-    if torch.isfinite(output.loss):
-        run.accelerator.backward(output.loss)
-    return output.loss, output.metrics
+    finite = torch.isfinite(output.loss)  # queued before the backward pass, so reading it waits for the forward only
+    run.accelerator.backward(output.loss)
+    return output.loss, finite, output.metrics
 
 
 def train(cfg: RunConfig, *, resume: bool = False, evaluate_fn=None) -> TrainResult:
@@ -447,7 +285,7 @@ def train(cfg: RunConfig, *, resume: bool = False, evaluate_fn=None) -> TrainRes
         found = _checkpoints(ckpt_dir)
         if not found:
             raise ConfigError(f"--resume: no checkpoint under '{ckpt_dir}'; run without --resume to start fresh")
-        accelerator.load_state(str(found[-1]))
+        load_checkpoint(accelerator, found[-1])
         state = json.loads((found[-1] / "trainer.json").read_text())
         step, epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
         nan_skipped = state.get("nan_skipped", 0)
@@ -479,21 +317,20 @@ def train(cfg: RunConfig, *, resume: bool = False, evaluate_fn=None) -> TrainRes
         for batch in batches:
             batch_in_epoch += 1
             with accelerator.accumulate(model):
-                loss, metrics = forward_backward(run, batch, cfg)
-                finite = bool(torch.isfinite(loss))
+                loss, finite, metrics = forward_backward(run, batch, cfg)
+                finite = bool(finite)
                 if not finite and tc.on_nan == "stop":
                     good = _checkpoints(ckpt_dir)
                     raise FloatingPointError(
                         f"loss is {loss.item()} at step {step}; lower optim.lr, set train.precision=no, or set "
                         f"train.on_nan=skip. Last good checkpoint: {good[-1] if good else '(none yet)'}"
                     )
-                if not finite:
-                    nan_skipped += 1
-                    optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients and cfg.optim.grad_clip > 0 and finite:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 if finite:
+                    if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                     optimizer.step()
+                else:
+                    nan_skipped += 1
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             window_n += per_process * accelerator.num_processes
@@ -505,7 +342,7 @@ def train(cfg: RunConfig, *, resume: bool = False, evaluate_fn=None) -> TrainRes
                 elapsed = time.time() - window_t
                 last = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                         "samples_per_s": window_n / max(elapsed, 1e-9), "peak_memory_mb": _peak_memory_mb(),
-                        "nan_skipped": nan_skipped, **metrics}
+                        "nan_skipped": nan_skipped, **{k: float(v) for k, v in metrics.items()}}
                 window_t, window_n = time.time(), 0
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last.get('batch_acc', 0):.2f}")
                 if tc.log_with:
