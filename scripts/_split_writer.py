@@ -59,7 +59,7 @@ def convert(source, out: Path, *, copy: bool, on_error: str, noun: str) -> int:
     """Read ``source`` (a SourceConfig) through the library's readers and write it as a split
     folder; prints what was written and skipped. Returns the exit code."""
     from vljepa.data.formats import DataError
-    from vljepa.data.sources import read_source
+    from vljepa.data.readers import read_source
 
     try:
         records, report = read_source(source, on_error=on_error)

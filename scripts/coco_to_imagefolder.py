@@ -5,7 +5,7 @@
 
 writes ``data/coco_train/images/`` (symlinks to the originals, or copies with --copy) and
 ``metadata.jsonl`` with one record per image holding all its captions. The JSON is read by
-``vljepa.data.sources.read_source`` (format ``coco``), so the conversion accepts and rejects
+``vljepa.data.readers.read_source`` (format ``coco``), so the conversion accepts and rejects
 exactly what training on the JSON directly would.
 """
 

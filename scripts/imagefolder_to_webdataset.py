@@ -7,7 +7,7 @@ Each record becomes one sample: ``KEY.<image extension>`` + ``KEY.json`` holding
 carry their own copy of the image, as webdataset samples are self-contained. Shards are named
 ``{prefix}-000000.tar`` ..., readable with ``format: webdataset`` and the pattern
 ``shards/train/{prefix}-{000000..00000N}.tar``. Records are read by
-``vljepa.data.sources.read_split``, so the shards hold exactly what training on the folder reads.
+``vljepa.data.readers.read_split``, so the shards hold exactly what training on the folder reads.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tarfile
 from pathlib import Path
 
 from vljepa.data.formats import CaptionRecord, DataError
-from vljepa.data.sources import read_split
+from vljepa.data.readers import read_split
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

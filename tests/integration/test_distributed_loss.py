@@ -36,8 +36,8 @@ def _worker(rank: int, init: str, out: str) -> None:
         p = pred[rows].clone().requires_grad_()
         t = target[rows].clone().requires_grad_()
         terms = info_nce(gather_with_grad(p), gather_with_grad(t), torch.tensor(SCALE), gather_no_grad(groups[rows]))
-        terms["loss"].backward()
-        torch.save({"loss": terms["loss"].detach(), "p_grad": p.grad, "t_grad": t.grad}, f"{out}/rank{rank}.pt")
+        terms["infonce_loss"].backward()
+        torch.save({"loss": terms["infonce_loss"].detach(), "p_grad": p.grad, "t_grad": t.grad}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -48,11 +48,11 @@ def test_two_process_infonce_equals_one_process(tmp_path):
     p = pred.clone().requires_grad_()
     t = target.clone().requires_grad_()
     single = info_nce(p, t, torch.tensor(SCALE), groups)
-    single["loss"].backward()
+    single["infonce_loss"].backward()
     for rank in range(WORLD):
         r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         rows = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
-        torch.testing.assert_close(r["loss"], single["loss"].detach())
+        torch.testing.assert_close(r["loss"], single["infonce_loss"].detach())
         # Every rank computes the same global loss and all_gather's backward sums the ranks'
         # gradients, so each rank holds WORLD x the gradient of its rows; averaging across
         # ranks (what DDP does to parameter gradients) gives the single-process gradient.

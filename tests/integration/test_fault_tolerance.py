@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vljepa import atomic
 from vljepa.config import load_config
 from vljepa.data.world import generate_world
 from vljepa.train import trainer
@@ -87,23 +88,20 @@ def test_failed_checkpoint_write_keeps_previous(world, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = load_config(None, TINY + [f"data.train={world / 'train'}", f"train.output_dir={out}",
                                     "train.max_steps=4", "train.save_every=1"])
-    real_fsync = trainer._fsync_tree
-    calls = {"n": 0}
-
+    real_fsync = atomic.fsync_tree
     def failing_fsync(folder: Path) -> None:
-        calls["n"] += 1
         real_fsync(folder)
-        if calls["n"] == 3:  # the third checkpoint's files are written, then the disk "fills up"
+        if Path(folder).name == ".tmp_step_00000003":  # the third checkpoint's files are written, then the disk "fills up"
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(trainer, "_fsync_tree", failing_fsync)
+    monkeypatch.setattr(atomic, "fsync_tree", failing_fsync)
     with pytest.raises(trainer.CheckpointError, match=r"step_00000003.*No space left.*step_00000002 is intact"):
         trainer.train(cfg)
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step_00000001", "step_00000002"]  # no half-written folder left behind
     # A write killed half-way leaves a temporary folder; it is never mistaken for a checkpoint.
     (out / "checkpoints" / ".tmp_step_00000003").mkdir()
-    monkeypatch.setattr(trainer, "_fsync_tree", real_fsync)
+    monkeypatch.setattr(atomic, "fsync_tree", real_fsync)
     result = trainer.train(cfg, resume=True)
     assert result.steps == 4
     assert (out / "model" / "model.safetensors").is_file()
@@ -115,11 +113,11 @@ def test_nan_loss_skip_or_stop(world, tmp_path, monkeypatch):
 
     def nan_on_second(run, batch, cfg):
         calls["n"] += 1
-        loss, metrics = real(run, batch, cfg)
+        loss, finite, metrics = real(run, batch, cfg)
         if calls["n"] == 2:
-            run.optimizer.zero_grad()
-            return torch.tensor(float("nan")), metrics
-        return loss, metrics
+            nan = torch.tensor(float("nan"))
+            return nan, torch.isfinite(nan), metrics
+        return loss, finite, metrics
 
     monkeypatch.setattr(trainer, "forward_backward", nan_on_second)
     base = TINY + [f"data.train={world / 'train'}", "train.max_steps=3"]
@@ -129,3 +127,24 @@ def test_nan_loss_skip_or_stop(world, tmp_path, monkeypatch):
     calls["n"] = 0
     with pytest.raises(FloatingPointError, match="train.on_nan=skip"):
         trainer.train(load_config(None, base + [f"train.output_dir={tmp_path / 'stop'}", "train.on_nan=stop"]))
+
+
+def test_resume_from_a_checkpoint_that_holds_a_pickle_is_refused_with_a_clear_error(world, tmp_path, capsys):
+    """A checkpoint file holding a pickled object (not ours, or tampered with) is not loaded: the CLI
+    exits 2 naming the checkpoint and what to do, never advising weights_only=False."""
+    from vljepa.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", *TINY, f"data.train={world / 'train'}", f"train.output_dir={out}", "train.max_steps=2",
+            "train.save_every=1"]
+    assert main(args) == 0
+    last = sorted((out / "checkpoints").iterdir())[-1]
+    bins = sorted(last.glob("*.bin"))
+    assert bins, f"no .bin file in {last}"
+    torch.save({"state": Path("an arbitrary object")}, bins[0])  # a pickle that weights_only refuses
+    capsys.readouterr()
+    assert main([*args[:-2], "train.max_steps=3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint '{last}' cannot be loaded safely" in err and "Delete" in err
+    assert "weights_only=False" not in err.replace("it is not loaded with weights_only=False", "")
+    assert "Traceback" not in err

@@ -65,3 +65,19 @@ def test_bf16_step_matches_fp32(tiny_world, make_tiny_overrides, tmp_path):
     cosine = torch.nn.functional.cosine_similarity(g32, g16, dim=0)
     assert cosine > 0.99
     AcceleratorState._reset_state()
+
+
+def test_text_query_states_are_encoded_once_and_batched(tiny_world, make_tiny_overrides, tmp_path):
+    """query_tokens=text with a frozen Y: the data path encodes each distinct question once (cached) and
+    every batch carries the states the model would compute itself."""
+    cfg = load_config(None, [*make_tiny_overrides("hybrid"), "model.predictor.query_tokens=text",
+                             f"data.train={tiny_world.root / 'train'}", "data.task=mixed", "train.batch_size=16",
+                             "train.precision=no", f"train.output_dir={tmp_path / 'run'}"])
+    run = prepare_run(cfg)
+    assert run.data.cache_hits["queries"] is False
+    batch = next(iter(run.loader))
+    assert "query_states" in batch and batch["query_states"].shape[:2] == batch["query_ids"].shape
+    live = run.raw_model.query_states(batch["query_ids"], batch["query_mask"])
+    torch.testing.assert_close(batch["query_states"], live, atol=1e-4, rtol=1e-4)
+    loss, finite, _ = forward_backward(run, batch, cfg)
+    assert bool(finite) and run.raw_model.predictor.query_in[1].weight.grad.abs().sum() > 0

@@ -7,10 +7,9 @@ import os
 
 import pytest
 import torch
-from torch import nn
 from PIL import Image
 
-from vljepa.config import ConfigError, OptimConfig, VisionConfig
+from vljepa.config import OptimConfig, VisionConfig
 from vljepa.data import cache as cache_module
 from vljepa.data.cache import EmbeddingCache, cache_key, file_items
 from vljepa.data.collate import Collator, ExampleIndex, Examples, TextTable, pad_ids
@@ -273,7 +272,7 @@ def test_param_groups_leave_out_frozen_and_skip_decay_on_biases_and_norms(tiny_m
 
     assert group("predictor.blocks.0.qkv.weight")["weight_decay"] == 0.1
     for name in ("predictor.blocks.0.qkv.bias", "predictor.blocks.0.norm1.weight", "predictor.norm.bias",
-                 "predictor.query_embed.weight", "predictor.visual_pos", "logit_scale"):
+                 "predictor.query_embed.weight", "predictor.visual_pos", "criterion.logit_scale"):
         assert group(name)["weight_decay"] == 0.0, name
     assert group("target_head.out.weight")["lr"] == pytest.approx(0.02)
     assert group("target_head.out.weight")["weight_decay"] == 0.1
@@ -309,22 +308,6 @@ def test_lr_factor_warmup_and_cosine_endpoints():
     assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
     assert lr_factor(50, total=100, warmup=10, schedule="constant", min_ratio=0.1) == 1.0
     assert lr_factor(0, total=100, warmup=0, schedule="cosine", min_ratio=0.0) == pytest.approx(1.0)
-
-
-def test_lr_factor_wsd_holds_the_peak_then_decays_over_the_last_fraction():
-    kw = dict(total=100, warmup=10, schedule="wsd", min_ratio=0.1, decay_fraction=0.3)
-    assert lr_factor(4, **kw) == pytest.approx(0.5)  # the same warmup
-    assert [lr_factor(s, **kw) for s in (10, 40, 69, 70)] == pytest.approx([1.0] * 4)  # stable to step 70
-    assert lr_factor(85, **kw) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
-    assert lr_factor(100, **kw) == pytest.approx(0.1) and lr_factor(300, **kw) == pytest.approx(0.1)
-    values = [lr_factor(s, **kw) for s in range(70, 101)]
-    assert all(a > b for a, b in zip(values, values[1:]))
-    # A decay longer than the steps after warmup starts right after warmup, as cosine does.
-    assert lr_factor(10, **{**kw, "decay_fraction": 1.0}) == pytest.approx(1.0)
-    assert lr_factor(55, **{**kw, "decay_fraction": 1.0}) == pytest.approx(lr_factor(55, **{**kw, "schedule": "cosine"}))
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    with pytest.raises(ConfigError, match=r"optim.decay_fraction=0.0 must be in \(0, 1\]"):
-        build_scheduler(opt, OptimConfig(schedule="wsd", decay_fraction=0.0), 100)
 
 
 def test_scheduler_scales_every_group_by_the_factor(tiny_model):
@@ -390,3 +373,18 @@ def test_embed_texts_in_length_order_returns_the_given_order(tiny_model, monkeyp
         torch.testing.assert_close(feats["states"][feats["offsets"][i]:feats["offsets"][i + 1]],
                                    f["states"][0, :n], atol=1e-5, rtol=1e-5)
     assert embed.embed_texts(tiny_model, []).shape == (0, tiny_model.config.embed_dim)
+
+
+def test_collator_pads_query_states_from_the_query_table():
+    states = torch.arange(10.0).view(5, 2)  # query 1: 2 tokens, query 2: 3 tokens (row 0 = no query)
+    table = TextTable(pooled=torch.zeros(3, 1), states=states, offsets=torch.tensor([0, 0, 2, 5]))
+    ex = Examples(image=[0, 1, 0], query=[[7, 8], [], [4, 5, 6]], targets=[(0,), (1,), (0,)], query_row=[1, 0, 2])
+    batch = Collator(ex, TextTable(pooled=torch.zeros(2, 1)), visual_tokens=torch.zeros(2, 1, 1),
+                     query_table=table)([0, 1, 2])
+    assert batch["query_states"].shape == (3, 3, 2) == (*batch["query_ids"].shape, 2)
+    assert batch["query_states"][0].tolist() == [[0, 1], [2, 3], [0, 0]]
+    assert batch["query_states"][1].abs().sum() == 0  # the query-free row
+    assert batch["query_states"][2].tolist() == [[4, 5], [6, 7], [8, 9]]
+    with pytest.raises(ValueError, match="query_table needs token states and examples with query_row"):
+        Collator(Examples(image=[0], query=[[1]], targets=[(0,)]), table, visual_tokens=torch.zeros(1, 1, 1),
+                 query_table=table)

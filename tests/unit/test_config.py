@@ -255,13 +255,3 @@ def test_precision_auto_resolves_to_what_the_machine_runs(monkeypatch):
         assert with_resolved_precision(cfg).train.precision == "bf16"
     assert load_config(None, ["eval.precision=auto"]).eval.precision == "auto"
     embed._cpu_flags.cache_clear()  # leave no fake flags behind for later tests
-
-
-def test_target_spread_with_gradient_caching_is_an_error(tmp_path):
-    from vljepa.train.trainer import prepare_run
-
-    cfg = load_config(None, ["model.loss.target_spread=1.0", "train.grad_cache_chunk=8",
-                             f"train.output_dir={tmp_path / 'run'}", f"data.train={tmp_path}"])
-    with pytest.raises(ConfigError, match="target_spread.*grad_cache_chunk=8"):
-        prepare_run(cfg)
-    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from vljepa.config import ConfigError
 from vljepa.losses import gather_no_grad, gather_with_grad, info_nce, regression_loss
 
 
@@ -20,15 +21,15 @@ def _unit(*shape: int, seed: int = 0) -> torch.Tensor:
 def test_perfect_alignment_with_high_scale_is_near_zero():
     target = torch.eye(6, 8)  # orthonormal rows: every other target has cosine 0
     out = info_nce(target.clone(), target, torch.tensor(100.0))
-    assert out["loss"].item() < 1e-6
+    assert out["infonce_loss"].item() < 1e-6
     assert out["batch_acc"].item() == 1.0
-    assert set(out) == {"loss", "p2t", "t2p", "batch_acc"}
+    assert set(out) == {"infonce_loss", "p2t", "t2p", "batch_acc"}
 
 
 def test_random_pairs_at_scale_one_are_near_log_batch():
     # With scale 1 the logits are cosines in [-1, 1]: the loss sits near log(B), far from 0.
     out = info_nce(_unit(64, 32, seed=1), _unit(64, 32, seed=2), torch.tensor(1.0))
-    assert abs(out["loss"].item() - math.log(64)) < 0.1
+    assert abs(out["infonce_loss"].item() - math.log(64)) < 0.1
 
 
 def test_matches_a_hand_computed_cross_entropy():
@@ -40,14 +41,14 @@ def test_matches_a_hand_computed_cross_entropy():
     out = info_nce(pred, target, torch.tensor(scale))
     torch.testing.assert_close(out["p2t"], p2t)
     torch.testing.assert_close(out["t2p"], t2p)
-    torch.testing.assert_close(out["loss"], 0.5 * (p2t + t2p))
+    torch.testing.assert_close(out["infonce_loss"], 0.5 * (p2t + t2p))
 
 
 def test_symmetric_in_pred_and_target():
     a, b = _unit(7, 16, seed=5), _unit(7, 16, seed=6)
     ab = info_nce(a, b, torch.tensor(10.0))
     ba = info_nce(b, a, torch.tensor(10.0))
-    torch.testing.assert_close(ab["loss"], ba["loss"])
+    torch.testing.assert_close(ab["infonce_loss"], ba["infonce_loss"])
     torch.testing.assert_close(ab["p2t"], ba["t2p"])
     torch.testing.assert_close(ab["t2p"], ba["p2t"])
 
@@ -59,11 +60,11 @@ def test_groups_make_a_duplicate_target_one_positive():
     perfect = target.clone()
     with_groups = info_nce(perfect, target, torch.tensor(100.0), groups)
     without = info_nce(perfect, target, torch.tensor(100.0))
-    assert with_groups["loss"].item() < 1e-6
+    assert with_groups["infonce_loss"].item() < 1e-6
     assert with_groups["batch_acc"].item() == 1.0
     # Without groups the twin column is a negative as good as the positive: log(2) on those rows.
     expected = 0.5 * (2 * math.log(2) / 4 + 2 * math.log(2) / 4)
-    assert without["loss"].item() == pytest.approx(expected, abs=1e-4)
+    assert without["infonce_loss"].item() == pytest.approx(expected, abs=1e-4)
 
 
 def test_groups_equal_the_loss_on_deduplicated_columns_by_hand():
@@ -89,17 +90,17 @@ def test_groups_equal_the_loss_on_deduplicated_columns_by_hand():
     out = info_nce(pred, target, torch.tensor(scale), groups)
     torch.testing.assert_close(out["p2t"], p2t)
     torch.testing.assert_close(out["t2p"], t2p)
-    torch.testing.assert_close(out["loss"], 0.5 * (p2t + t2p))
+    torch.testing.assert_close(out["infonce_loss"], 0.5 * (p2t + t2p))
     # Distinct groups behave exactly like no groups at all.
-    torch.testing.assert_close(info_nce(pred, target, torch.tensor(scale), torch.arange(b) * 2)["loss"],
-                               info_nce(pred, target, torch.tensor(scale))["loss"])
+    torch.testing.assert_close(info_nce(pred, target, torch.tensor(scale), torch.arange(b) * 2)["infonce_loss"],
+                               info_nce(pred, target, torch.tensor(scale))["infonce_loss"])
 
 
 def test_gradients_reach_pred_target_and_scale():
     pred = _unit(4, 8, seed=9).requires_grad_()
     target = _unit(4, 8, seed=10).requires_grad_()
     scale = torch.tensor(3.0, requires_grad=True)
-    info_nce(pred, target, scale, torch.tensor([0, 0, 1, 2]))["loss"].backward()
+    info_nce(pred, target, scale, torch.tensor([0, 0, 1, 2]))["infonce_loss"].backward()
     for t in (pred, target, scale):
         assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 
@@ -108,18 +109,18 @@ def test_regression_losses_on_hand_cases():
     pred = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
     target = torch.tensor([[0.0, 1.0], [0.6, 0.8]])
     # cosine: 1 - <p, t>, averaged: (1 + 0) / 2
-    assert regression_loss(pred, target, "cosine")["loss"].item() == pytest.approx(0.5)
+    assert regression_loss(pred, target, "cosine").item() == pytest.approx(0.5)
     # l2: squared distance summed over dims: (2 + 0) / 2
-    assert regression_loss(pred, target, "l2")["loss"].item() == pytest.approx(1.0)
+    assert regression_loss(pred, target, "l2").item() == pytest.approx(1.0)
     # smooth-L1 (beta 1): |d| < 1 -> d^2 / 2, else |d| - 1/2; summed over dims, mean over rows.
     p = torch.tensor([[0.5, 0.0]])
     t = torch.tensor([[0.0, 2.0]])
-    assert regression_loss(p, t, "smooth_l1")["loss"].item() == pytest.approx(0.125 + 1.5)
-    assert regression_loss(pred, pred, "smooth_l1")["loss"].item() == 0.0
+    assert regression_loss(p, t, "smooth_l1").item() == pytest.approx(0.125 + 1.5)
+    assert regression_loss(pred, pred, "smooth_l1").item() == 0.0
 
 
 def test_regression_loss_unknown_kind():
-    with pytest.raises(ValueError, match="unknown loss kind 'mse'; use infonce, cosine, l2 or smooth_l1"):
+    with pytest.raises(ConfigError, match="unknown model.loss.kind 'mse'; use infonce, cosine, l2 or smooth_l1"):
         regression_loss(torch.zeros(1, 2), torch.zeros(1, 2), "mse")
 
 
@@ -166,61 +167,20 @@ def test_target_uniformity_gradient_spreads_close_targets():
     assert float(after[0] @ after[1]) < float(before.detach()[0] @ before.detach()[1])  # "yes" and "no" move apart
 
 
-def test_target_spread_hand_values():
-    from vljepa.losses import target_spread
+def test_loss_module_returns_named_terms_whose_sum_is_the_objective():
+    from vljepa.config import LossConfig
+    from vljepa.losses import VLJepaLoss, target_uniformity, total_loss
 
-    # Head: a and b coincide (cos 1); Y keeps them at cos 0.5 -> each has excess 0.5; c is apart.
-    head = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    y = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.75 ** 0.5, 0.0], [0.0, 0.0, 1.0]])
-    assert float(target_spread(head, y)) == pytest.approx(1.0, abs=1e-6)
-    # Where the head keeps targets at least as far apart as Y, nothing is penalised.
-    assert float(target_spread(torch.eye(3), y)) == 0.0
-    assert float(target_spread(head[:1], y[:1])) == 0.0
-
-
-def test_target_spread_pushes_a_merged_pair_harder_than_uniformity():
-    """One merged pair ("yes" / "no" at cos 0.98) among 40 other targets: uniformity, averaged over
-    all pairs, barely moves it; the spread term pushes it with full weight and the pair moves apart."""
-    from vljepa.losses import target_spread, target_uniformity
-
-    g = torch.Generator().manual_seed(0)
-    others = torch.randn(40, 16, generator=g)
-    yes = torch.zeros(16)
-    yes[0] = 1.0
-    no = yes.clone()
-    no[1] = 0.2  # cos(yes, no) = 0.98
-    z = torch.cat([yes[None], no[None], others]).requires_grad_(True)
-    y = F.normalize(torch.randn(42, 8, generator=g), dim=-1)
-    y[1] = F.normalize(y[0] + 1.0 * F.normalize(torch.randn(8, generator=g), dim=0), dim=0)  # Y keeps them apart
-    assert float(y[0] @ y[1]) < 0.9
-    target_uniformity(F.normalize(z, dim=-1)).backward()
-    uniform_push = float(z.grad[:2].norm())
-    z.grad = None
-    before = F.normalize(z, dim=-1)
-    target_spread(before, y).backward()
-    assert float(z.grad[:2].norm()) > 10 * uniform_push
-    after = F.normalize((z - 0.5 * z.grad).detach(), dim=-1)
-    assert float(after[0] @ after[1]) < float(before.detach()[0] @ before.detach()[1]) - 0.05
-
-
-def test_info_nce_t2p_weight_mixes_the_two_directions():
-    from vljepa.losses import info_nce
-
-    g = torch.Generator().manual_seed(0)
-    pred = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
-    target = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
-    groups = torch.tensor([0, 1, 1, 2, 3, 3])
-    scale = torch.tensor(10.0)
-    sym = info_nce(pred, target, scale, groups)
-    assert float(sym["loss"]) == pytest.approx(0.5 * float(sym["p2t"] + sym["t2p"]), rel=1e-6)
-    only = info_nce(pred, target, scale, groups, t2p_weight=0.0)
-    assert float(only["loss"]) == pytest.approx(float(sym["p2t"]), rel=1e-6)
-    assert float(sym["p2t"]) != pytest.approx(float(sym["t2p"]), rel=1e-3)  # the two directions differ here
-    # Without the target -> prediction direction, a target gets no pull towards the predictions of
-    # other rows of its own group beyond what prediction -> target gives it.
-    t = target.clone().requires_grad_(True)
-    info_nce(pred, t, scale, groups, t2p_weight=0.0)["loss"].backward()
-    g0 = t.grad.clone()
-    t.grad = None
-    info_nce(pred, t, scale, groups)["loss"].backward()
-    assert not torch.allclose(g0, t.grad)
+    pred, target = _unit(6, 8, seed=3), _unit(6, 8, seed=4)
+    groups = torch.tensor([0, 1, 0, 2, 3, 1])
+    loss = VLJepaLoss(LossConfig(temperature=0.1, target_uniformity=0.5))
+    terms = loss(pred, target, groups)
+    assert set(terms) == {"infonce_loss", "uniformity_loss", "p2t", "t2p", "batch_acc", "temperature"}
+    ref = info_nce(pred, target, torch.tensor(10.0), groups)["infonce_loss"]
+    torch.testing.assert_close(terms["infonce_loss"], ref)
+    torch.testing.assert_close(terms["uniformity_loss"], 0.5 * target_uniformity(target, groups))
+    torch.testing.assert_close(total_loss(terms), terms["infonce_loss"] + terms["uniformity_loss"])
+    regression = VLJepaLoss(LossConfig(kind="l2"))(pred, target)
+    assert set(regression) == {"l2_loss"}
+    with pytest.raises(ConfigError, match="unknown model.loss.kind 'mse'"):
+        VLJepaLoss(LossConfig(kind="mse"))

@@ -11,7 +11,7 @@ from transformers import VJEPA2Model  # noqa: F401 - its modelling code loads at
 
 from vljepa.cli import main
 from vljepa.config import ConfigError, config_dir, load_config
-from vljepa.models.vljepa import SHIPPED_ARCHITECTURES, architecture_only
+from vljepa.hub import SHIPPED_ARCHITECTURES, architecture_only
 
 PAPER = config_dir() / "paper"
 # Exact counts of the shipped architectures (measured; the paper rounds them).
@@ -33,7 +33,8 @@ def test_paper_stage_configs_load():
     s2 = load_config(PAPER / "stage2.yaml")
     for cfg in (s1, s2):
         m = cfg.model
-        assert (m.vision.kind, m.vision.name, m.vision.freeze) == ("hf", "facebook/vjepa2-vitl-fpc64-256", True)
+        assert (m.vision.kind, m.vision.path, m.vision.freeze) == ("hf", "facebook/vjepa2-vitl-fpc64-256", True)
+        assert m.vision.name == ""
         assert (m.predictor.kind, m.predictor.path, m.predictor.num_layers) == ("hf_lm", "meta-llama/Llama-3.2-1B", 8)
         assert (m.text.kind, m.text.path) == ("hf", "google/embeddinggemma-300m")
         assert m.text.freeze is False and m.text.lr_mult == 0.05
@@ -72,7 +73,7 @@ def test_architecture_only_maps_the_paper_ids_and_refuses_other_hub_ids(tmp_path
     local = architecture_only(model)
     assert local.predictor.path == str(config_dir() / "hf/meta-llama/Llama-3.2-1B")
     assert local.text.path == str(config_dir() / "hf/google/embeddinggemma-300m")
-    assert local.vision.name == str(config_dir() / "hf/facebook/vjepa2-vitl-fpc64-256")
+    assert local.vision.path == str(config_dir() / "hf/facebook/vjepa2-vitl-fpc64-256")
     assert model.predictor.path == "meta-llama/Llama-3.2-1B"  # the input is not changed
     model.predictor.path = str(tmp_path)  # a local folder is kept as it is
     assert architecture_only(model).predictor.path == str(tmp_path)
@@ -83,6 +84,6 @@ def test_architecture_only_maps_the_paper_ids_and_refuses_other_hub_ids(tmp_path
     model.text.path = "BAAI/bge-small-en"
     with pytest.raises(ConfigError, match=r"model.text.path 'BAAI/bge-small-en' is not a local folder"):
         architecture_only(model)
-    model.vision.name = "facebook/dinov2-base"
-    with pytest.raises(ConfigError, match=r"model.vision.name 'facebook/dinov2-base' is not a local folder"):
+    model.vision.path = "facebook/dinov2-base"
+    with pytest.raises(ConfigError, match=r"model.vision.path 'facebook/dinov2-base' is not a local folder"):
         architecture_only(model)

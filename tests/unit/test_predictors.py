@@ -185,3 +185,15 @@ def test_grouped_predictions_and_gradients_equal_one_padded_block(make_tiny_conf
     assert outs[0][1].keys() == outs[1][1].keys()
     for name, g in outs[0][1].items():
         torch.testing.assert_close(outs[1][1][name], g, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_hf_lm_built_from_an_architecture_file_is_float32():
+    """Built without weights from a config that says bfloat16 (the shipped Llama-3.2-1B file), the LM's
+    layers are float32 like the rest of the model; autocast decides the compute precision."""
+    from vljepa.config import config_dir
+
+    cfg = PredictorConfig(kind="hf_lm", path=str(config_dir() / "hf" / "meta-llama" / "Llama-3.2-1B"), num_layers=1)
+    with torch.device("meta"):
+        p = build_predictor(cfg, visual_dim=8, num_visual_tokens=4, target_dim=4, text_vocab_size=0,
+                            load_weights=False, with_tokenizer=False)
+    assert {t.dtype for t in p.parameters()} == {torch.float32}

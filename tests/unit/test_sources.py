@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vljepa.data.formats import DataError, SkipReport
-from vljepa.data.sources import load_image, read_split
+from vljepa.data.readers import load_image, read_split
 
 
 def _image(path: Path, mode: str = "RGB") -> None:
@@ -197,7 +197,7 @@ def test_skip_report():
 
 def test_source_types_filter_keeps_only_those_questions(tmp_path):
     from vljepa.config import load_config
-    from vljepa.data.sources import read_source
+    from vljepa.data.readers import read_source
 
     _split(tmp_path, [{"file_name": "images/a.png", "captions": ["a red circle"]}])
     _split(tmp_path, [
@@ -212,3 +212,72 @@ def test_source_types_filter_keeps_only_those_questions(tmp_path):
         read_source(dataclasses.replace(cfg.data.sources[0], types=["count"]))
     with pytest.raises(DataError, match="needs task: vqa"):
         read_source(dataclasses.replace(cfg.data.sources[0], task="caption"))
+
+
+# --- bad bytes and escaping paths ---------------------------------------------------------------------
+
+NOT_UTF8_FIX = "re-save the file as UTF-8, or set data.on_error=skip to skip such lines"
+
+
+@pytest.mark.parametrize(("file", "task", "good"), [
+    ("metadata.jsonl", "caption", {"file_name": "images/b.png", "captions": ["a good one"]}),
+    ("questions.jsonl", "vqa", {"file_name": "images/b.png", "question": "what?", "answer": "that"}),
+])
+def test_line_that_is_not_utf8_stops_or_is_counted(tmp_path, file, task, good):
+    root = _split(tmp_path, [good, good], file=file)
+    lines = (root / file).read_bytes().splitlines(keepends=True)
+    bad = b'{"file_name": "images/a.png", "captions": ["caf\xe9"]}\n'  # Latin-1, not UTF-8
+    (root / file).write_bytes(b"\xef\xbb\xbf" + lines[0] + bad + lines[1])  # a BOM on line 1 is fine
+    with pytest.raises(DataError) as err:
+        read_split(root, task)
+    position = bad.index(b"\xe9") + 1
+    assert str(err.value) == (f"{root.resolve() / file}:2: line is not UTF-8 (invalid byte 0xe9 at position {position} "
+                              f"of the line); {NOT_UTF8_FIX}")
+    records, report = read_split(root, task, on_error="skip")
+    assert [r.index for r in records] == [0, 2]
+    assert report.counts == {"line is not UTF-8": 1}
+    assert report.examples["line is not UTF-8"] == [f"{root.resolve() / file}:2"]
+
+
+def _outside_image(tmp_path: Path) -> Path:
+    """An image outside the split folder ``tmp_path / "split"``, which a record must not reach."""
+    outside = tmp_path / "outside" / "secret.png"
+    _image(outside)
+    return outside
+
+
+@pytest.mark.parametrize("file_name", [
+    "../../../../etc/passwd",
+    "../outside/secret.png",
+    "images/../../outside/secret.png",
+    "ABSOLUTE",  # the outside image's absolute path
+    "linked/secret.png",  # through a folder symlink that leads out of the split
+])
+def test_image_path_that_escapes_the_split_stops_or_is_counted(tmp_path, file_name):
+    outside = _outside_image(tmp_path)
+    file_name = str(outside) if file_name == "ABSOLUTE" else file_name
+    good = {"file_name": "images/b.png", "captions": ["a good one"]}
+    root = _split(tmp_path / "split", [good, {"file_name": file_name, "captions": ["x"]}, good])
+    (root / "linked").symlink_to(outside.parent, target_is_directory=True)
+    with pytest.raises(DataError) as err:
+        read_split(root, "caption")
+    assert str(err.value) == (
+        f"{root.resolve() / 'metadata.jsonl'}:2: image path escapes the split folder ('{file_name}' is outside "
+        f"'{root.resolve()}'); give a path inside the split folder, or set data.on_error=skip to skip such records")
+    records, report = read_split(root, "caption", on_error="skip")
+    assert [r.index for r in records] == [0, 2]
+    assert report.counts == {"image path escapes the split folder": 1}
+
+
+def test_image_paths_that_stay_inside_are_read(tmp_path):
+    outside = _outside_image(tmp_path)
+    root = _split(tmp_path / "split", [
+        {"file_name": "images/../images/a.png", "captions": ["dots that stay inside"]},
+        {"file_name": str(tmp_path.resolve() / "split" / "images" / "b.png"), "captions": ["absolute, inside"]},
+        {"file_name": "images/linked.png", "captions": ["a file symlink, as the converters write"]},
+    ])
+    (root / "images" / "linked.png").symlink_to(outside)
+    records, report = read_split(root, "caption")
+    assert report.total == 0
+    images = root.resolve() / "images"
+    assert [r.image for r in records] == [str(images / "a.png"), str(images / "b.png"), str(images / "linked.png")]

@@ -15,7 +15,7 @@ from PIL import Image
 
 from vljepa.config import SourceConfig
 from vljepa.data.formats import CaptionRecord, DataError, VQARecord
-from vljepa.data.sources import detect_format, read_source, read_split
+from vljepa.data.readers import detect_format, read_source, read_split
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 FIX = "set data.on_error=skip to skip bad records"
@@ -462,3 +462,116 @@ def test_read_source_rejects_a_bad_task_and_empty_path(tmp_path):
         read_source(SourceConfig(path="x"), on_error="ignore", work_dir=tmp_path)
     with pytest.raises(ValueError, match="task must be 'caption' or 'vqa'"):
         read_source(SourceConfig(path="x", task="both"), work_dir=tmp_path)
+
+
+# --- bad bytes and escaping paths ---------------------------------------------------------------------
+
+
+def _escape_message(where: str, name: str, folder: str, root) -> str:
+    return (f"{where}: image path escapes the {folder} ('{name}' is outside '{root}'); give a path inside the "
+            f"{folder}, or set data.on_error=skip to skip such records")
+
+
+@pytest.mark.parametrize("fmt", ["coco", "auto"])
+@pytest.mark.parametrize("on_error", ["stop", "skip"])
+def test_json_file_that_is_not_utf8_names_the_file(tmp_path, fmt, on_error):
+    ann = _coco(tmp_path)
+    text = ann.read_text().replace("Two things.", "Deux choses\u00e9.").replace(", ", ",\n")
+    ann.write_bytes(text.encode("latin-1"))
+    line = text[: text.index("\u00e9")].count("\n") + 1
+    with pytest.raises(DataError) as err:
+        _read(tmp_path, on_error, path=str(ann), format=fmt, images=str(tmp_path / "images"))
+    assert str(err.value) == f"'{ann.resolve() if fmt == 'coco' else ann}' is not UTF-8 (invalid byte 0xe9 on line {line}); re-save the file as UTF-8"
+
+
+def test_vqav2_annotations_that_are_not_utf8_name_the_file(tmp_path):
+    questions = _vqav2(tmp_path)
+    annotations = tmp_path / "v2_mscoco_val2014_annotations.json"
+    annotations.write_bytes(annotations.read_bytes().replace(b'"maroon"', b'"marr\xf3n"'))
+    with pytest.raises(DataError, match=r"'.*v2_mscoco_val2014_annotations.json' is not UTF-8 \(invalid byte 0xf3 on line 1\); "
+                                        r"re-save the file as UTF-8$"):
+        _read(tmp_path, "skip", path=str(questions), images=str(tmp_path / "coco"), task="vqa")
+
+
+def test_coco_image_path_that_escapes_the_images_folder(tmp_path):
+    ann = _coco(tmp_path / "c")
+    _image(tmp_path / "secret.jpg")
+    data = json.loads(ann.read_text())
+    data["images"][1]["file_name"] = "../../secret.jpg"
+    _json(ann, data)
+    kw = dict(path=str(ann), format="coco", images=str(tmp_path / "c" / "images"))
+    with pytest.raises(DataError) as err:
+        _read(tmp_path, **kw)
+    images = (tmp_path / "c" / "images").resolve()
+    assert str(err.value) == _escape_message(f"{ann.resolve()}:images[1]", "../../secret.jpg", "images folder", images)
+    records, report = _read(tmp_path, "skip", **kw)
+    assert [r.index for r in records] == [0, 2] and report.counts == {"image path escapes the images folder": 1}
+
+
+def test_gqa_image_id_that_escapes_the_images_folder(tmp_path):
+    _image(tmp_path / "gqa" / "1.jpg")
+    _image(tmp_path / "secret.jpg")
+    path = _json(tmp_path / "questions.json", {
+        "q1": {"imageId": "1", "question": "Is it red?", "answer": "yes"},
+        "q2": {"imageId": "../secret", "question": "What is it?", "answer": "a secret"},
+    })
+    kw = dict(path=str(path), format="vqa", images=str(tmp_path / "gqa"), task="vqa")
+    with pytest.raises(DataError) as err:
+        _read(tmp_path, **kw)
+    images = (tmp_path / "gqa").resolve()
+    assert str(err.value) == _escape_message(f"{path.resolve()}:q2", "../secret.jpg", "images folder", images)
+    records, report = _read(tmp_path, "skip", **kw)
+    assert [r.question for r in records] == ["Is it red?"] and report.counts == {"image path escapes the images folder": 1}
+
+
+@pytest.mark.parametrize("member", ["b.txt", "b.json"])
+def test_webdataset_member_that_is_not_utf8_stops_or_is_counted(tmp_path, member):
+    text = b"caf\xe9" if member == "b.txt" else b'{"caption": "caf\xe9"}'
+    shard = _tar(tmp_path / "s.tar", [("a.png", _png_bytes()), ("a.txt", b"first"), ("b.png", _png_bytes()), (member, text),
+                                      ("c.png", _png_bytes()), ("c.txt", "d\u00e9j\u00e0 vu".encode())])
+    with pytest.raises(DataError) as err:
+        _read(tmp_path, path=str(shard))
+    position = text.index(b"\xe9") + 1
+    assert str(err.value) == (f"{shard}:{member}: tar member is not UTF-8 (invalid byte 0xe9 at position {position}); "
+                              "re-write the member as UTF-8, or set data.on_error=skip to skip such samples")
+    records, report = _read(tmp_path, "skip", path=str(shard))
+    assert [r.captions for r in records] == [("first",), ("d\u00e9j\u00e0 vu",)]
+    assert report.counts == {"tar member is not UTF-8": 1} and report.examples["tar member is not UTF-8"] == [f"{shard}:{member}"]
+
+
+@pytest.mark.parametrize("name", ["../evil.png", "/tmp/evil.png", "ok/../../evil.png"])
+def test_webdataset_member_that_escapes_is_not_written(tmp_path, name):
+    shard = _tar(tmp_path / "shards" / "s.tar", [("a.png", _png_bytes()), ("a.txt", b"first"),
+                                                 (name, _png_bytes()), (name[:-4] + ".txt", b"evil")])
+    with pytest.raises(DataError) as err:
+        _read(tmp_path, path=str(shard))
+    assert str(err.value) == _escape_message(f"{shard}:{name}", name, "shard", shard)
+    records, report = _read(tmp_path, "skip", path=str(shard))
+    assert [r.captions for r in records] == [("first",)] and report.counts == {"image path escapes the shard": 1}
+    assert not list(tmp_path.rglob("evil.png"))  # nothing was written for it, inside the work folder or out
+
+
+def test_webdataset_manifest_entry_that_escapes(tmp_path):
+    shard = _tar(tmp_path / "s.tar", [("a.png", _png_bytes()), ("a.txt", b"first"), ("b.png", _png_bytes()), ("b.txt", b"second")])
+    _read(tmp_path, path=str(shard))
+    [manifest] = (tmp_path / "work" / "webdataset").glob("*/samples.jsonl")
+    entries = [json.loads(line) for line in manifest.read_text().splitlines()]
+    entries[1]["image"] = "../../s.tar"
+    manifest.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    records, report = _read(tmp_path, "skip", path=str(shard))
+    assert [r.captions for r in records] == [("first",)] and report.counts == {"image path escapes the unpacked folder": 1}
+
+
+def test_hf_image_path_that_escapes_the_dataset_folder(tmp_path):
+    import datasets
+
+    _image(tmp_path / "data" / "img" / "a.png")
+    _image(tmp_path / "secret.png")
+    datasets.Dataset.from_dict({"file_name": ["img/a.png", "../secret.png"], "text": ["inside", "outside"]}
+                               ).to_parquet(str(tmp_path / "data" / "rows.parquet"))
+    path = str(tmp_path / "data" / "rows.parquet")
+    with pytest.raises(DataError) as err:
+        _read(tmp_path, path=path)
+    assert str(err.value) == _escape_message(f"{path}[train]:1", "../secret.png", "dataset folder", (tmp_path / "data").resolve())
+    records, report = _read(tmp_path, "skip", path=path)
+    assert [r.captions for r in records] == [("inside",)] and report.counts == {"image path escapes the dataset folder": 1}

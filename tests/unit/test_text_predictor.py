@@ -19,7 +19,7 @@ except ImportError:
     sentence_transformers = None
 
 from vljepa.config import ConfigError, LoraConfig, OptimConfig, PredictorConfig, TextConfig
-from vljepa.models.predictor import HFLMPredictor, build_predictor
+from vljepa.models.predictors import HFLMPredictor, build_predictor
 from vljepa.models.text import build_text_encoder, read_pooling
 from vljepa.models.vljepa import VLJepa
 from vljepa.train.optim import param_groups
@@ -99,7 +99,7 @@ def _ids(tok, texts):
 def test_hf_lm_keeps_the_source_models_last_k_layers(lm_folders, family):
     folder, source = lm_folders[family]
     p = build_predictor(PredictorConfig(kind="hf_lm", path=str(folder), num_layers=2), visual_dim=12,
-                        target_dim=5, vocab_size=0)
+                        target_dim=5, text_vocab_size=0, num_visual_tokens=4)
     assert isinstance(p, HFLMPredictor) and len(p.lm.layers) == 2 and p.lm.config.num_hidden_layers == 2
     for i in range(2):
         src, dst = source.model.layers[2 + i].state_dict(), p.lm.layers[i].state_dict()
@@ -139,7 +139,7 @@ def _states_at_the_final_norm(p, visual, ids, mask=None):
 def test_hf_lm_attention_is_bidirectional(lm_folders, family):
     folder, _ = lm_folders[family]
     p = build_predictor(PredictorConfig(kind="hf_lm", path=str(folder), num_layers=2), visual_dim=12,
-                        target_dim=5, vocab_size=0).eval()
+                        target_dim=5, text_vocab_size=0, num_visual_tokens=4).eval()
     visual = torch.randn(1, 3, 12)
     a = torch.tensor([[3, 4, 5, 6, 7]])
     b = a.clone()
@@ -163,7 +163,7 @@ def test_hf_lm_attention_is_bidirectional(lm_folders, family):
 def test_hf_lm_padding_is_masked(lm_folders, family):
     folder, _ = lm_folders[family]
     p = build_predictor(PredictorConfig(kind="hf_lm", path=str(folder), num_layers=3, max_query_len=8),
-                        visual_dim=12, target_dim=5, vocab_size=0).eval()
+                        visual_dim=12, target_dim=5, text_vocab_size=0, num_visual_tokens=4).eval()
     visual = torch.randn(2, 3, 12)
     ids = torch.tensor([[3, 4, 5], [6, 7, 1]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
@@ -182,9 +182,9 @@ def test_hf_lm_padding_is_masked(lm_folders, family):
 def test_hf_lm_builds_from_config_alone_on_the_meta_device(lm_folders):
     folder, _ = lm_folders["gemma3"]
     cfg = PredictorConfig(kind="hf_lm", path=str(folder), num_layers=2)
-    loaded = build_predictor(cfg, visual_dim=12, target_dim=5, vocab_size=0)
+    loaded = build_predictor(cfg, visual_dim=12, target_dim=5, text_vocab_size=0, num_visual_tokens=4)
     with torch.device("meta"):
-        meta = build_predictor(cfg, visual_dim=12, target_dim=5, vocab_size=0, load_weights=False,
+        meta = build_predictor(cfg, visual_dim=12, target_dim=5, text_vocab_size=0, num_visual_tokens=4, load_weights=False,
                                with_tokenizer=False)
     assert meta.tokenizer is None and meta.lm.embed_tokens.weight.is_meta
     assert [(n, q.shape, q.requires_grad) for n, q in meta.named_parameters()] == \
@@ -198,16 +198,16 @@ def test_hf_lm_errors(lm_folders, monkeypatch):
     folder, _ = lm_folders["llama"]
     with pytest.raises(ConfigError, match=r"num_layers=5 must be between 1 and the 4 layers of"):
         build_predictor(PredictorConfig(kind="hf_lm", path=str(folder), num_layers=5), visual_dim=4, target_dim=4,
-                        vocab_size=0)
+                        text_vocab_size=0, num_visual_tokens=4)
     with pytest.raises(ConfigError, match="kind=hf_lm needs model.predictor.path"):
-        build_predictor(PredictorConfig(kind="hf_lm"), visual_dim=4, target_dim=4, vocab_size=0)
+        build_predictor(PredictorConfig(kind="hf_lm"), visual_dim=4, target_dim=4, text_vocab_size=0, num_visual_tokens=4)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, without retries
     with pytest.raises(ConfigError, match=r"cannot load language model 'nobody/no-such-lm' .*"
                                           r"hf download nobody/no-such-lm --local-dir DIR.*model.predictor.path=DIR"):
         build_predictor(PredictorConfig(kind="hf_lm", path="nobody/no-such-lm"), visual_dim=4, target_dim=4,
-                        vocab_size=0)
-    with pytest.raises(ConfigError, match=r"choose one of \['transformer'\] .* or 'hf_lm'"):
-        build_predictor(PredictorConfig(kind="lstm"), visual_dim=4, target_dim=4, vocab_size=0)
+                        text_vocab_size=0, num_visual_tokens=4)
+    with pytest.raises(ConfigError, match=r"choose one of \['hf_lm', 'transformer'\]"):
+        build_predictor(PredictorConfig(kind="lstm"), visual_dim=4, target_dim=4, text_vocab_size=0, num_visual_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +217,7 @@ def lm_vljepa(lm_folders, make_tiny_config):
     torch.manual_seed(0)
     cfg = make_tiny_config("linear", "model.predictor.kind=hf_lm", f"model.predictor.path={folder}",
                            "model.predictor.num_layers=2")
+    cfg.predictor = PredictorConfig(kind="hf_lm", path=str(folder), num_layers=2)  # no built-in transformer keys
     return VLJepa(cfg).eval()
 
 
@@ -375,7 +376,7 @@ def test_sentence_transformers_folder_follows_modules_json(gemma_st_folder, tmp_
     texts = ["a red ball", "how many small shape are there", "the cube"]
     enc = build_text_encoder(TextConfig(path=str(gemma_st_folder))).eval()
     assert enc.pooling == "mean" and len(enc.dense) == 2
-    assert enc.state_size == 16 and enc.hidden_size == 16 and enc.vocab_size == len(WORDS)
+    assert enc.hidden_size == 16 and enc.pooled_size == 16 and enc.vocab_size == len(WORDS)
     assert [type(d.activation) for d in enc.dense] == [nn.Identity, nn.Tanh] and enc.dense[0].linear.bias is None
     with torch.no_grad():
         out = enc(**enc.tokenize(texts))
@@ -450,7 +451,7 @@ def test_open_clip_text_tower_gives_the_models_text_embedding(tiny_clip_checkpoi
     path, clip = tiny_clip_checkpoint
     enc = build_text_encoder(TextConfig(kind="open_clip", name=TINY_CLIP, path=str(path)))
     assert enc.static and not enc.training and all(not p.requires_grad for p in enc.parameters())
-    assert enc.hidden_size == 24 and enc.state_size == 32 and enc.vocab_size == 49408
+    assert enc.pooled_size == 24 and enc.hidden_size == 32 and enc.vocab_size == 49408
     texts = ["a red cube", "two small blue balls on the left"]
     tok = enc.tokenize(texts)
     ids = open_clip.get_tokenizer(TINY_CLIP)(texts)
@@ -492,21 +493,35 @@ def test_text_hub_id_offline_names_the_model_and_the_fix(monkeypatch):
         build_text_encoder(TextConfig(path="nobody/no-such-embedder-v1.5"))
 
 
-def test_text_registry_and_lora_target_errors():
+def test_text_registry_and_lora_target_errors(gemma_st_folder):
     with pytest.raises(ConfigError, match=r"unknown model.text.kind 'bert'; choose one of \['hf', 'open_clip'\]"):
         build_text_encoder(TextConfig(kind="bert"))
-    from vljepa.models.text import add_lora
+    bad = TextConfig(path=str(gemma_st_folder), lora=LoraConfig(r=2, target_modules=["nope"]))
+    with pytest.raises(ConfigError, match=r"model.text.lora.target_modules=\['nope'\] match no linear / conv / "
+                                          r"attention layer of .*embeddinggemma_tiny.*; set it to some of: .*q_proj"):
+        build_text_encoder(bad)
+    with pytest.raises(ConfigError, match="model.text.lora.r must be >= 0, got -1"):
+        build_text_encoder(TextConfig(path=str(gemma_st_folder), lora=LoraConfig(r=-1)))
 
-    with pytest.raises(ConfigError, match="set model.text.lora.target_modules"):
-        add_lora(nn.Sequential(nn.Conv1d(2, 2, 1)), LoraConfig(r=2))
+
+def test_text_freeze_and_lora_follow_the_x_encoders_policy(gemma_st_folder):
+    """LoRA adapts the attention projections of the transformer and trains nothing else (Dense layers
+    included), keeping the base in eval mode; freeze=false without LoRA trains every parameter."""
+    enc = build_text_encoder(TextConfig(path=str(gemma_st_folder), lora=LoraConfig(r=2)))
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n and n.startswith("model.layers.") for n in trainable)
+    assert {n.split(".")[-4] for n in trainable} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert not enc.static and not enc.model.training
+    full = build_text_encoder(TextConfig(path=str(gemma_st_folder), freeze=False))
+    assert not full.static and full.training and all(p.requires_grad for p in full.parameters())
+    assert any(n.startswith("dense.") for n, _ in full.named_parameters())
 
 
-@pytest.mark.parametrize("key,value", [("query_tokens", "text"), ("registers", 2), ("mlp", "swiglu"),
-                                       ("pool", "query"), ("fusion", "match"), ("fusion_rank", 8),
-                                       ("fusion", "pointer"), ("pointers", 2)])
+@pytest.mark.parametrize("key,value", [("query_tokens", "text"), ("mlp", "swiglu"), ("pool", "query"), ("dim", 64),
+                                       ("max_visual_tokens", 16)])
 def test_hf_lm_refuses_options_of_the_built_in_transformer(lm_folders, key, value):
     """Set on kind=hf_lm, a transformer-only option would be silently ignored: it is an error naming it."""
     folder, _ = next(iter(lm_folders.values()))
     cfg = PredictorConfig(kind="hf_lm", path=str(folder), num_layers=2, **{key: value})
-    with pytest.raises(ConfigError, match=f"model.predictor.{key}={value} is for the built-in transformer"):
-        build_predictor(cfg, visual_dim=12, target_dim=8, vocab_size=0)
+    with pytest.raises(ConfigError, match=f"model.predictor.{key}={value} is not used by model.predictor.kind=hf_lm"):
+        build_predictor(cfg, visual_dim=12, target_dim=8, text_vocab_size=0, num_visual_tokens=4)

@@ -1,6 +1,6 @@
 """X-encoders behind one interface: Hugging Face towers (CLIP, SigLIP, DINOv2, ViT, V-JEPA 2),
 open_clip visual towers, video (frames + temporal embedding, or V-JEPA 2 tubelets), LoRA adapters,
-and cache identities. Every pretrained architecture is a tiny random config of the real class,
+cache identities and weights files. Every pretrained architecture is a tiny random config of the real class,
 saved to disk and read back through the same code path that loads the full-size model."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 from vljepa.config import ConfigError, LoraConfig, VisionConfig
 from vljepa.models.vision import IMAGENET_MEAN, IMAGENET_STD, VisionEncoder, build_vision_encoder
+from vljepa.models.weights import read_state_dict
 
 transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
@@ -31,6 +32,7 @@ HF_STATS = {
     "vjepa2": ("video_preprocessor_config.json", (0.4, 0.4, 0.4), (0.2, 0.2, 0.2)),
 }
 PREFIX_TOKENS = {"clip": 1, "siglip": 0, "dinov2": 1, "vit": 1}  # class tokens the encoder drops
+TIMM = dict(kind="timm", name="tf_efficientnet_lite0", path="")  # a randomly initialised timm CNN
 
 
 def _pixels(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -70,7 +72,7 @@ def hf_models(tmp_path_factory):
 
 
 def _hf(folder, **kw) -> VisionEncoder:
-    return build_vision_encoder(VisionConfig(kind="hf", name=str(folder), image_size=32, **kw))
+    return build_vision_encoder(VisionConfig(kind="hf", path=str(folder), image_size=32, **kw))
 
 
 def _reference_tokens(kind: str, ref, pixels: torch.Tensor) -> torch.Tensor:
@@ -119,7 +121,7 @@ def test_hf_rebuilds_without_weights_from_its_saved_files(hf_models, kind, tmp_p
 @pytest.mark.parametrize("kind", ["clip", "siglip", "dinov2", "vit"])
 def test_hf_other_image_size_interpolates_positions(hf_models, kind):
     folder, _ = hf_models[kind]
-    enc = build_vision_encoder(VisionConfig(kind="hf", name=str(folder), image_size=48))
+    enc = build_vision_encoder(VisionConfig(kind="hf", path=str(folder), image_size=48))
     with torch.no_grad():
         assert enc(_pixels(1, 3, 48, 48)).shape == (1, 36, 32) and enc.num_tokens(48) == 36
 
@@ -156,14 +158,16 @@ def test_hf_errors_name_the_model_and_the_fix(hf_models, tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConfigError, match=r"cannot load vision model 'vljepa-test/not-cached'.*"
-                                          r"set model.vision.name to that local folder"):
-        build_vision_encoder(VisionConfig(kind="hf", name="vljepa-test/not-cached"))
+                                          r"set model.vision.path to that local folder"):
+        build_vision_encoder(VisionConfig(kind="hf", path="vljepa-test/not-cached"))
     with pytest.raises(ConfigError, match="is not a folder; point it at a local model folder"):
-        build_vision_encoder(VisionConfig(kind="hf", name=str(tmp_path / "missing")))
-    with pytest.raises(ConfigError, match="kind=hf needs model.vision.name"):
-        build_vision_encoder(VisionConfig(kind="hf"))
-    with pytest.raises(ConfigError, match="model.vision.pretrained is not used by kind=hf"):
-        _hf(hf_models["vit"][0], pretrained="openai")
+        build_vision_encoder(VisionConfig(kind="hf", path=str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match=r"kind=hf needs model.vision.path \(got 'package:efficientnet-lite0'\)"):
+        build_vision_encoder(VisionConfig(kind="hf"))  # the default path is the efficientnet_lite0 weights
+    with pytest.raises(ConfigError, match=r"kind=hf needs model.vision.path \(got ''\)"):
+        build_vision_encoder(VisionConfig(kind="hf", path=""))
+    with pytest.raises(ConfigError, match="model.vision.name='ViT-B-32' is not used by kind=hf"):
+        _hf(hf_models["vit"][0], name="ViT-B-32")
     transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1]).save_pretrained(tmp_path / "resnet")
     with pytest.raises(ConfigError, match=r"\(resnet\) has no patch grid .* use kind=timm for CNNs"):
         _hf(tmp_path / "resnet")
@@ -240,8 +244,8 @@ def open_clip_archs(tmp_path_factory):
     return list(archs)
 
 
-def _open_clip(name: str, **kw) -> VisionEncoder:
-    return build_vision_encoder(VisionConfig(kind="open_clip", name=name, image_size=32, **kw))
+def _open_clip(name: str, path: str = "", **kw) -> VisionEncoder:
+    return build_vision_encoder(VisionConfig(kind="open_clip", name=name, path=path, image_size=32, **kw))
 
 
 def test_open_clip_checkpoint_file_gives_the_towers_own_tokens(open_clip_archs, tmp_path):
@@ -250,7 +254,7 @@ def test_open_clip_checkpoint_file_gives_the_towers_own_tokens(open_clip_archs, 
     torch.manual_seed(1)
     clip = open_clip.create_model("vljepa-tiny-vit").eval()
     save_file(clip.state_dict(), str(tmp_path / "clip.safetensors"))
-    enc = _open_clip("vljepa-tiny-vit", pretrained=str(tmp_path / "clip.safetensors"))
+    enc = _open_clip("vljepa-tiny-vit", path=str(tmp_path / "clip.safetensors"))
     assert enc.out_dim == 32 and enc.num_tokens(32) == 16 and enc.static and not enc.training
     assert enc.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))  # open_clip's preprocess config
     x = _pixels(2, 3, 32, 32)
@@ -289,20 +293,23 @@ def test_open_clip_errors_name_the_model_and_the_fix(open_clip_archs, monkeypatc
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ConfigError, match=r"cannot build open_clip model 'ViT-B-32' with model.vision.pretrained="
-                                          r"'laion2b_s34b_b79k'.*set model.vision.pretrained to the checkpoint file"):
-        _open_clip("ViT-B-32", pretrained="laion2b_s34b_b79k")
+    with pytest.raises(ConfigError, match=r"cannot build open_clip model 'ViT-B-32' with model.vision.path="
+                                          r"'laion2b_s34b_b79k'.*set model.vision.path to the checkpoint file"):
+        _open_clip("ViT-B-32", path="laion2b_s34b_b79k")
     with pytest.raises(ConfigError, match=r"cannot build open_clip model 'hf-hub:vljepa-test/not-cached'.*"
                                           r"or to the downloaded repository folder"):
-        _open_clip("", pretrained="hf-hub:vljepa-test/not-cached")
+        _open_clip("", path="hf-hub:vljepa-test/not-cached")
     with pytest.raises(ConfigError, match=r"unknown open_clip architecture model.vision.name='ViT-B-33' "
                                           r"\(did you mean ViT-B-32"):
         _open_clip("ViT-B-33")
-    with pytest.raises(ConfigError, match=r"pretrained='laion9' is neither a file nor a pretrained tag of "
+    with pytest.raises(ConfigError, match=r"path='laion9' is neither a file nor a pretrained tag of "
                                           r"ViT-B-32 \(tags: openai, "):
-        _open_clip("ViT-B-32", pretrained="laion9")
+        _open_clip("ViT-B-32", path="laion9")
     with pytest.raises(ConfigError, match="kind=open_clip needs model.vision.name"):
         _open_clip("")
+    with pytest.raises(ConfigError, match=r"path='package:efficientnet-lite0' names packaged weights, which only "
+                                          r"kind=efficientnet_lite0 reads; with kind=open_clip set it to a pretrained"):
+        build_vision_encoder(VisionConfig(kind="open_clip", name="vljepa-tiny-vit"))
 
 
 def test_open_clip_mean_and_std_follow_the_pretrained_tag_without_downloading(open_clip_archs, monkeypatch, tmp_path):
@@ -315,13 +322,13 @@ def test_open_clip_mean_and_std_follow_the_pretrained_tag_without_downloading(op
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     half = {"hf_hub": "vljepa-test/not-cached/", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
     monkeypatch.setitem(pretrained._PRETRAINED, "vljepa-tiny-vit", {"half": half})
-    with pytest.raises(ConfigError, match="with model.vision.pretrained='half'"):
-        _open_clip("vljepa-tiny-vit", pretrained="half")  # the weights would need the Hub
-    cfg = VisionConfig(kind="open_clip", name="vljepa-tiny-vit", pretrained="half", image_size=32)
+    with pytest.raises(ConfigError, match="with model.vision.path='half'"):
+        _open_clip("vljepa-tiny-vit", path="half")  # the weights would need the Hub
+    cfg = VisionConfig(kind="open_clip", name="vljepa-tiny-vit", path="half", image_size=32)
     enc = build_vision_encoder(cfg, load_weights=False)
     assert enc.mean == (0.5, 0.5, 0.5) and enc.std == (0.5, 0.5, 0.5)
     torch.save(open_clip.create_model("vljepa-tiny-vit").state_dict(), tmp_path / "clip.pt")
-    assert _open_clip("vljepa-tiny-vit", pretrained=str(tmp_path / "clip.pt")).mean == (0.5, 0.5, 0.5)
+    assert _open_clip("vljepa-tiny-vit", path=str(tmp_path / "clip.pt")).mean == (0.5, 0.5, 0.5)
 
 
 def test_open_clip_tower_without_patch_tokens_is_refused(open_clip_archs):
@@ -371,7 +378,7 @@ def test_lora_on_open_clip_attention_changes_the_tokens(open_clip_archs):
 
 
 def test_lora_on_timm_pointwise_convolutions():
-    cfg = VisionConfig(kind="efficientnet_lite0", weights="none", image_size=32, lora=LoraConfig(r=2))
+    cfg = VisionConfig(kind="efficientnet_lite0", path="", image_size=32, lora=LoraConfig(r=2))
     enc = build_vision_encoder(cfg)
     convs = {n: m for n, m in enc.backbone.named_modules() if n.endswith((".conv_pw", ".conv_pwl"))}
     assert len(convs) == 31
@@ -383,9 +390,12 @@ def test_lora_on_timm_pointwise_convolutions():
 
 
 def test_lora_errors():
-    with pytest.raises(ConfigError, match="kind=vit is trained from scratch, so LoRA has nothing pretrained"):
+    with pytest.raises(ConfigError, match=r"model.vision: kind=vit \(trained from scratch\) has no pretrained base "
+                                          r"for LoRA to adapt; set model.vision.freeze=false"):
         build_vision_encoder(VisionConfig(kind="vit", image_size=32, dim=8, heads=2, depth=1, lora=LoraConfig(r=2)))
-    bad = VisionConfig(kind="timm", weights="none", lora=LoraConfig(r=2, target_modules=["nope"]))
+    with pytest.raises(ConfigError, match="model.vision.lora.r must be >= 0, got -1"):
+        build_vision_encoder(VisionConfig(**TIMM, lora=LoraConfig(r=-1)))
+    bad = VisionConfig(**TIMM, lora=LoraConfig(r=2, target_modules=["nope"]))
     with pytest.raises(ConfigError, match=r"target_modules=\['nope'\] match no linear / conv / attention layer of "
                                           r"tf_efficientnet_lite0; set it to some of: .*conv_pw"):
         build_vision_encoder(bad)
@@ -395,7 +405,7 @@ def test_lora_adapters_survive_save_pretrained_and_from_pretrained(hf_models, ma
     from vljepa.models.vljepa import VLJepa
 
     folder, _ = hf_models["dinov2"]
-    cfg = make_tiny_config("linear", "model.vision.kind=hf", f"model.vision.name={folder}",
+    cfg = make_tiny_config("linear", "model.vision.kind=hf", f"model.vision.path={folder}",
                            "model.vision.lora.r=2", "model.vision.lora.alpha=4")
     model = VLJepa(cfg).eval()
     with torch.no_grad():
@@ -431,16 +441,20 @@ def test_identity_names_every_setting_that_changes_the_tokens(hf_models, open_cl
     assert all(a != b for i, a in enumerate(ids) for b in ids[i + 1:])
     hf = _hf(hf_models["vit"][0], lora=LoraConfig(r=2, target_modules=["q_proj"]))
     lora = {"r": 2, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj"]}
-    assert hf.identity() == {"kind": "hf", "name": str(hf_models["vit"][0]), "pretrained": "", "image_size": 32,
+    assert hf.identity() == {"kind": "hf", "name": "", "path": str(hf_models["vit"][0]), "image_size": 32,
                              "num_frames": 1, "lora": lora}
     oc = _open_clip("vljepa-tiny-vit", num_frames=2)
-    assert {k: oc.identity()[k] for k in ("kind", "name", "pretrained", "num_frames", "lora")} == {
-        "kind": "open_clip", "name": "vljepa-tiny-vit", "pretrained": "", "num_frames": 2, "lora": None}
-    timm = build_vision_encoder(VisionConfig(kind="timm", weights="none", grid=2))
-    assert timm.identity()["timm_name"] == "tf_efficientnet_lite0" and timm.identity()["grid"] == 2
-    assert "fold_stages" not in timm.identity()  # caches written before the option keep their keys
-    folded = build_vision_encoder(VisionConfig(kind="timm", weights="none", grid=2, fold_stages=[-2]))
+    assert {k: oc.identity()[k] for k in ("kind", "name", "path", "num_frames", "lora")} == {
+        "kind": "open_clip", "name": "vljepa-tiny-vit", "path": "", "num_frames": 2, "lora": None}
+    timm = build_vision_encoder(VisionConfig(**TIMM, grid=2))
+    assert timm.identity() == {"kind": "timm", "name": "tf_efficientnet_lite0", "path": "", "image_size": 128,
+                               "num_frames": 1, "lora": None, "stage": -1, "grid": 2, "fold_stages": []}
+    folded = build_vision_encoder(VisionConfig(**TIMM, grid=2, fold_stages=[-2]))
     assert folded.identity() == {**timm.identity(), "fold_stages": [-2]}
+    # The weights' source is part of the identity: random and packaged EfficientNet-Lite0 differ.
+    lite0 = [build_vision_encoder(VisionConfig(kind="efficientnet_lite0", path=path, image_size=32)).identity()
+             for path in ("", "package:efficientnet-lite0")]
+    assert lite0[0] == {**lite0[1], "path": ""} and lite0[0] != lite0[1]
     for identity in (hf.identity(), oc.identity(), timm.identity()):
         assert json.loads(json.dumps(identity)) == identity  # plain data, as cache keys need
 
@@ -450,8 +464,8 @@ def test_fold_stages_put_each_cells_finer_blocks_into_its_token():
     channels, reduction 32) gets, per cell, its 2x2 block of the reduction-16 map and its 4x4 block
     of the reduction-8 map, in that order."""
     torch.manual_seed(0)
-    plain = build_vision_encoder(VisionConfig(kind="timm", weights="none", image_size=64)).eval()
-    enc = build_vision_encoder(VisionConfig(kind="timm", weights="none", image_size=64, fold_stages=[-2, -3])).eval()
+    plain = build_vision_encoder(VisionConfig(**TIMM, image_size=64)).eval()
+    enc = build_vision_encoder(VisionConfig(**TIMM, image_size=64, fold_stages=[-2, -3])).eval()
     enc.backbone.load_state_dict(plain.backbone.state_dict())
     assert enc.out_dim == 320 + 112 * 4 + 40 * 16 and enc.num_tokens(64) == 4
     x = torch.randn(2, 3, 64, 64)
@@ -481,4 +495,85 @@ def test_fold_stages_put_each_cells_finer_blocks_into_its_token():
 )
 def test_fold_stages_bad_values_are_errors_that_name_them(change, message):
     with pytest.raises(ConfigError, match=message):
-        build_vision_encoder(VisionConfig(**{"kind": "timm", "weights": "none", **change}))
+        build_vision_encoder(VisionConfig(**{**TIMM, **change}))
+
+
+# ------------------------------------------------------------------------------------------ timm names and weights
+
+
+def test_timm_reads_a_weights_file_named_by_path(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = build_vision_encoder(VisionConfig(**TIMM, image_size=32)).eval()
+    state = {k: v.clone() for k, v in source.backbone.state_dict().items()}
+    save_file(state, str(tmp_path / "lite0.safetensors"))
+    torch.save(state, tmp_path / "lite0.pth")
+    torch.manual_seed(1)
+    for file in ("lite0.safetensors", "lite0.pth"):
+        enc = build_vision_encoder(VisionConfig(**{**TIMM, "path": str(tmp_path / file)}, image_size=32)).eval()
+        assert enc.static and enc.identity()["path"] == str(tmp_path / file)
+        for name, tensor in enc.backbone.state_dict().items():
+            assert torch.equal(tensor, state[name]), (file, name)
+
+
+def test_timm_and_efficientnet_lite0_name_and_path_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"kind=timm needs model.vision.name, a timm model name such as "
+                                          r"tf_efficientnet_lite0"):
+        build_vision_encoder(VisionConfig(kind="timm", path=""))
+    with pytest.raises(ConfigError, match=r"path='package:efficientnet-lite0' names packaged weights, which only "
+                                          r"kind=efficientnet_lite0 reads; kind=timm takes a weights file"):
+        build_vision_encoder(VisionConfig(kind="timm", name="tf_efficientnet_lite0"))
+    with pytest.raises(ConfigError, match=r"path='.*missing.pth' is not a file; give a .safetensors"):
+        build_vision_encoder(VisionConfig(**{**TIMM, "path": str(tmp_path / "missing.pth")}))
+    with pytest.raises(ConfigError, match=r"kind=efficientnet_lite0 is timm's tf_efficientnet_lite0; leave "
+                                          r"model.vision.name empty, or use kind=timm for 'resnet18'"):
+        build_vision_encoder(VisionConfig(kind="efficientnet_lite0", name="resnet18", path=""))
+    with pytest.raises(ConfigError, match=r"unknown packaged vision weights model.vision.path='package:lite1'"):
+        build_vision_encoder(VisionConfig(kind="efficientnet_lite0", path="package:lite1"))
+    torch.save({"conv_stem.weight": torch.zeros(32, 3, 3, 3)}, tmp_path / "partial.pt")
+    with pytest.raises(ConfigError, match=r"weights '.*partial.pt' miss \d+ tensors of tf_efficientnet_lite0"):
+        build_vision_encoder(VisionConfig(**{**TIMM, "path": str(tmp_path / "partial.pt")}))
+    torch.save({"conv_stem.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match=r"weights '.*other.pt' do not fit tf_efficientnet_lite0: size mismatch "
+                                          r"for conv_stem.weight"):
+        build_vision_encoder(VisionConfig(**{**TIMM, "path": str(tmp_path / "other.pt")}))
+
+
+# ------------------------------------------------------------------------------------------ weights files
+
+
+class _NotATensor:
+    """A class torch.load(weights_only=True) refuses to unpickle."""
+
+
+def test_read_state_dict_reads_safetensors_and_legacy_files(tmp_path):
+    from safetensors.torch import save_file
+
+    state = {"a.weight": torch.arange(6.0).view(2, 3), "b": torch.ones(2, dtype=torch.long)}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save(state, tmp_path / "w.bin")
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "checkpoint.pt")
+    for name in ("w.safetensors", "w.bin", "checkpoint.pt"):
+        out = read_state_dict(tmp_path / name)
+        assert out.keys() == state.keys() and all(torch.equal(out[k], state[k]) for k in state), name
+
+
+def test_read_state_dict_refuses_pickled_objects_and_names_the_fix(tmp_path):
+    torch.save({"a.weight": torch.ones(1), "extra": _NotATensor()}, tmp_path / "pickled.pt")
+    with pytest.raises(ConfigError, match=r"weights file '.*pickled.pt' is not a plain PyTorch state dict.*"
+                                          r"re-save it as safetensors") as info:
+        read_state_dict(tmp_path / "pickled.pt")
+    assert "weights_only=False" not in str(info.value) and info.value.__cause__ is None
+    assert info.value.__suppress_context__  # torch's message, which advises weights_only=False, is not shown
+    torch.save({"a.weight": torch.ones(1), "step": 3}, tmp_path / "mixed.pt")
+    with pytest.raises(ConfigError, match=r"'.*mixed.pt' is not a state dict \(tensor names -> tensors\)"):
+        read_state_dict(tmp_path / "mixed.pt")
+    (tmp_path / "w.npz").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"'.*w.npz' is neither .safetensors nor a legacy .bin/.pt/.pth file"):
+        read_state_dict(tmp_path / "w.npz")
+    with pytest.raises(ConfigError, match=r"weights file '.*absent.safetensors' does not exist"):
+        read_state_dict(tmp_path / "absent.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(ConfigError, match=r"cannot read weights file '.*cut.safetensors'"):
+        read_state_dict(tmp_path / "cut.safetensors")

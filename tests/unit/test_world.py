@@ -14,7 +14,7 @@ from PIL import Image
 
 from vljepa.data import world as world_module
 from vljepa.data.formats import CaptionRecord, VQARecord
-from vljepa.data.sources import read_split
+from vljepa.data.readers import read_split
 from vljepa.data.world import COLORS, SHAPES, SIZE_WORDS, generate_world
 
 SPLITS = ("train", "test", "comp")

@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from vljepa.atomic import atomic_folder
 
 SHARD_ITEMS = 8192
 
@@ -67,9 +67,7 @@ class EmbeddingCache:
     def save(self, key: str, sharded: dict[str, torch.Tensor], whole: dict[str, torch.Tensor] | None = None,
              info: dict | None = None) -> None:
         """Store ``sharded`` tensors (split along dim 0) and ``whole`` tensors (kept as one)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=self.root))
-        try:
+        with atomic_folder(self.root / key) as tmp:
             n = next(iter(sharded.values())).shape[0] if sharded else 0
             shards = []
             for i, start in enumerate(range(0, max(n, 1), SHARD_ITEMS)):
@@ -80,13 +78,6 @@ class EmbeddingCache:
                 save_file({k: v.contiguous() for k, v in whole.items()}, str(tmp / "whole.safetensors"))
             meta = {"key": key, "items": n, "shards": shards, "whole": sorted(whole or {}), "info": info or {}}
             (tmp / "manifest.json").write_text(json.dumps(meta, indent=2))
-            target = self.root / key
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def get_or_compute(
         self,

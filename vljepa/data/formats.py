@@ -19,9 +19,10 @@ VQA record (``answers`` defaults to ``[answer]``; ``type`` is optional)::
     {"file_name": "images/000123.png", "question": "what color is the circle?",
      "answer": "red", "answers": ["red"], "type": "color"}
 
-``file_name`` is relative to the split folder. Extra keys are kept on disk and ignored by
-the readers. Because captions live in ``metadata.jsonl``, the folder is also readable by
-``datasets.load_dataset("imagefolder", data_dir=<split>)``.
+``file_name`` is relative to the split folder and must stay inside it (no ``..`` out of it, no
+absolute path elsewhere, no symlinked folder leading out). Record files are UTF-8. Extra keys
+are kept on disk and ignored by the readers. Because captions live in ``metadata.jsonl``, the
+folder is also readable by ``datasets.load_dataset("imagefolder", data_dir=<split>)``.
 """
 
 from __future__ import annotations

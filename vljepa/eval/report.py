@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from vljepa.config import ConfigError, EvalConfig
 from vljepa.data.formats import DataError, SkipReport
-from vljepa.data.sources import read_split
+from vljepa.data.readers import read_split
 from vljepa.decode.nearest import CandidateBank
 from vljepa.embed import embed_texts, encode_images, predict_batched
 from vljepa.eval.classify import class_embeddings, classification_metrics

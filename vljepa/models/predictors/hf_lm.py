@@ -57,7 +57,7 @@ class HFLMPredictor(Predictor):
             else:
                 cut = copy.deepcopy(config)
                 _keep_last_layers(cut, num_layers)
-                self.lm = AutoModel.from_config(cut, attn_implementation=attn)
+                self.lm = AutoModel.from_config(cut, attn_implementation=attn, dtype=torch.float32)
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local) if with_tokenizer else None
         except OSError as exc:
             raise ConfigError(
