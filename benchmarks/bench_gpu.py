@@ -132,7 +132,7 @@ def paper_model(spec: dict, tiny: bool, tmp: Path, device: torch.device) -> tupl
         llama.mkdir()
         (llama / "config.json").write_text(json.dumps(arch))
     text = "package:all-minilm-l6-v2" if tiny else str(GEMMA)
-    cfg = load_config(config_dir() / "paper" / "model.yaml", [
+    cfg = load_config(REPO / "configs" / "paper" / "model.yaml", [
         "model.vision.kind=vit", "model.vision.dim=1024", "model.vision.depth=1",
         "model.vision.heads=16", "model.vision.patch_size=16", f"model.vision.image_size={spec['image_size']}",
         f"model.predictor.path={llama}", f"model.text.path={text}", "model.text.freeze=true"], cls=RunConfig)

@@ -34,7 +34,8 @@ class LoraConfig:
     r: int = 0
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=list)  # [] = the kind's defaults (attention projections; pointwise convs for timm CNNs)
+    # [] = the kind's defaults (attention projections; pointwise convs for timm CNNs)
+    target_modules: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -120,11 +121,8 @@ class ModelConfig:
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     embed_dim: int = 256  # the shared space both heads project into
-    # Target head on the Y side: "linear"/"mlp" read the pooled embedding; "token" reads the
-    # Y-encoder's token states through a small transformer, which can recover word binding
-    # ("red circle, blue square" vs "blue circle, red square") that mean pooling blurs; "hybrid"
-    # adds a linear map of the pooled embedding to the token path, so short answers ("yes", "no",
-    # "two") keep the pretrained encoder's distances instead of all landing near one point.
+    # Y-side head: "linear" / "mlp" read the pooled embedding, "token" the token states through a small
+    # transformer, "hybrid" = token + a linear map of the pooled embedding.
     target_head: Literal["linear", "mlp", "token", "hybrid"] = "linear"
     target_head_dim: int = 256  # hidden width of the mlp head / width of the token head
     target_head_depth: int = 1  # transformer blocks of the token head

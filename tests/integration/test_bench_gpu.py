@@ -61,7 +61,7 @@ def test_tiny_run_writes_every_key(tmp_path):
 
 def test_paper_flops_match_llama_3_2_1b():
     bench = load_script()
-    cfg = load_config(config_dir() / "paper" / "model.yaml", cls=RunConfig).model
+    cfg = load_config(REPO / "configs" / "paper" / "model.yaml", cls=RunConfig).model
     arch = json.loads((bench.LLAMA / "config.json").read_text())
     shapes = {"visual_tokens": 256, "visual_dim": 1024, "query_len": 32, "target_pooled": 768, "llama": arch}
     flops = bench.count_flops(bench.paper_flops(cfg, shapes), batch=128)

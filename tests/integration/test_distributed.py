@@ -15,6 +15,7 @@ from vljepa.data.world import generate_world
 from vljepa.quickstart import free_port
 
 SCRIPT = Path(__file__).with_name("dist_grads.py")
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(SCRIPT.parent))
 from dist_grads import TINY as SCRIPT_TINY  # noqa: E402  the same tiny model as the gradient runs
 
@@ -127,7 +128,7 @@ def test_shipped_cpu_2proc_config_starts_two_processes(tmp_path):
                       "    f'rank {a.process_index} of {a.num_processes} {a.distributed_type.value}')\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(config_dir() / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()), str(script), str(tmp_path)]
+           str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()), str(script), str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = sorted(p.read_text() for p in tmp_path.glob("rank*.txt"))

@@ -81,3 +81,14 @@ def test_text_query_states_are_encoded_once_and_batched(tiny_world, make_tiny_ov
     torch.testing.assert_close(batch["query_states"], live, atol=1e-4, rtol=1e-4)
     loss, finite, _ = forward_backward(run, batch, cfg)
     assert bool(finite) and run.raw_model.predictor.query_in[1].weight.grad.abs().sum() > 0
+
+
+def test_train_compile_compiles_the_predictor_in_place(tiny_world, make_tiny_overrides, tmp_path, monkeypatch):
+    """train.compile=true: the predictor (only) is compiled in place, so parameter names stay."""
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self).__name__, kw)))
+    cfg = load_config(None, [*make_tiny_overrides("token"), f"data.train={tiny_world.root / 'train'}",
+                             "train.batch_size=8", "train.compile=true", f"train.output_dir={tmp_path / 'run'}"])
+    run = prepare_run(cfg)
+    assert calls == [("TransformerPredictor", {"dynamic": True})]
+    assert any(name.startswith("predictor.blocks.0.") for name, _ in run.raw_model.named_parameters())

@@ -18,6 +18,8 @@ from vljepa.config import (
     save_config,
 )
 
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
 
 def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,11 +199,14 @@ def test_eval_config_class_is_checked_on_its_own():
 
 
 def test_shipped_yaml_configs_all_load():
-    # configs/accelerate/ holds `accelerate launch --config_file` files; every other YAML is a run config.
-    files = sorted(f for f in config_dir().rglob("*.yaml") if f.relative_to(config_dir()).parts[0] != "accelerate")
-    assert {f.relative_to(config_dir()).as_posix() for f in files} >= {
+    # The package ships the quickstart's run configs; the repository's configs/ holds the experiment
+    # configs users copy (configs/accelerate/ are `accelerate launch --config_file` files, not run configs).
+    files = sorted(config_dir().rglob("*.yaml"))
+    assert {f.relative_to(config_dir()).as_posix() for f in files} == {
         "model/quickstart.yaml", "train/quickstart_stage1.yaml", "train/quickstart_stage2.yaml"}
-    for f in files:
+    repo = sorted(f for f in REPO_CONFIGS.rglob("*.yaml") if f.relative_to(REPO_CONFIGS).parts[0] != "accelerate")
+    assert {"paper/stage1.yaml", "paper/stage2.yaml"} <= {f.relative_to(REPO_CONFIGS).as_posix() for f in repo}
+    for f in files + repo:
         assert isinstance(load_config(f), RunConfig), f
     stage1 = load_config(config_dir() / "train" / "quickstart_stage1.yaml")
     stage2 = load_config(config_dir() / "train" / "quickstart_stage2.yaml")
@@ -219,7 +224,7 @@ def test_shipped_yaml_configs_all_load():
 def test_shipped_accelerate_configs_load_in_accelerate():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    files = sorted((config_dir() / "accelerate").glob("*.yaml"))
+    files = sorted((REPO_CONFIGS / "accelerate").glob("*.yaml"))
     assert files
     for f in files:
         cfg = load_config_from_file(str(f))

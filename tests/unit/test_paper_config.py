@@ -1,9 +1,11 @@
-"""The paper configuration (vljepa/configs/paper): it loads, and `vljepa summary` builds it offline on the
+"""The paper configuration (configs/paper): it loads, and `vljepa summary` builds it offline on the
 meta device from the architectures shipped in vljepa/configs/hf, with the paper's parameter counts:
 X (V-JEPA 2 ViT-L) ~304M frozen, predictor (last 8 layers of Llama-3.2-1B) ~490M trainable,
 Y (EmbeddingGemma-300M) ~300M trained with lr x0.05."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from vljepa.cli import main
 from vljepa.config import ConfigError, config_dir, load_config
 from vljepa.hub import SHIPPED_ARCHITECTURES, architecture_only
 
-PAPER = config_dir() / "paper"
+PAPER = Path(__file__).resolve().parents[2] / "configs" / "paper"
 # Exact counts of the shipped architectures (measured; the paper rounds them).
 PREDICTOR_TRAINABLE = 491_820_544  # 8 x 60,821,504 (Llama-3.2-1B layers) + final norm + 1024->2048 + 2048->1536
 PREDICTOR_FROZEN = 262_668_288  # the token embeddings, 128,256 x 2048

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from vljepa.atomic import atomic_folder
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
 TEXTS_FILE = "texts.json"
@@ -78,14 +79,7 @@ class CandidateBank:
         with torch.no_grad():
             for start in range(0, len(unique), batch_size):
                 batch = unique[start : start + batch_size]
-                emb = encode(batch)
-                shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
-                if not isinstance(emb, torch.Tensor) or len(shape) != 2 or shape[0] != len(batch):
-                    raise ValueError(
-                        f"encode returned {shape} for {len(batch)} texts; it must return a "
-                        f"[{len(batch)}, D] tensor"
-                    )
-                chunks.append(emb.detach().float().cpu())
+                chunks.append(encoded(encode, batch, "texts").detach().float().cpu())
         return cls(unique, torch.cat(chunks))
 
     @property
@@ -178,29 +172,15 @@ class CandidateBank:
     def save(self, path: str | Path) -> None:
         """Write the bank to folder ``path`` (created if needed).
 
-        Both files are written under temporary names and moved into place with ``os.replace``, so
-        a crash never leaves a half-written file. The embeddings file records a hash of the texts,
+        The folder is written whole or not at all (:func:`vljepa.atomic.atomic_folder`), replacing
+        an existing one. The embeddings file records a hash of the texts,
         so ``load`` also rejects a pair of files that come from two different saves.
         """
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
         texts_json = json.dumps(self._texts, ensure_ascii=False)
-        tmp_emb = folder / f".{EMBEDDINGS_FILE}.tmp"
-        tmp_txt = folder / f".{TEXTS_FILE}.tmp"
-        try:
-            save_file(
-                {_TENSOR_NAME: self._embeddings.cpu().contiguous()},
-                str(tmp_emb),
-                metadata={"format": _FORMAT, "texts_sha256": _sha256(texts_json)},
-            )
-            tmp_txt.write_text(texts_json, encoding="utf-8")
-            for tmp in (tmp_emb, tmp_txt):
-                _fsync(tmp)  # the data must be on disk before the rename makes it visible
-            os.replace(tmp_emb, folder / EMBEDDINGS_FILE)
-            os.replace(tmp_txt, folder / TEXTS_FILE)
-        finally:
-            tmp_emb.unlink(missing_ok=True)
-            tmp_txt.unlink(missing_ok=True)
+        with atomic_folder(path) as tmp:
+            save_file({_TENSOR_NAME: self._embeddings.cpu().contiguous()}, str(tmp / EMBEDDINGS_FILE),
+                      metadata={"format": _FORMAT, "texts_sha256": _sha256(texts_json)})
+            (tmp / TEXTS_FILE).write_text(texts_json, encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> CandidateBank:
@@ -239,6 +219,15 @@ class CandidateBank:
         return bank
 
 
+def encoded(encode: Callable[[list[str]], torch.Tensor], texts: list[str], what: str) -> torch.Tensor:
+    """``encode(texts)``, checked to be a ``[len(texts), D]`` tensor (the error names ``what`` was encoded)."""
+    emb = encode(texts)
+    shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+    if not isinstance(emb, torch.Tensor) or len(shape) != 2 or shape[0] != len(texts):
+        raise ValueError(f"encode returned {shape} for {len(texts)} {what}; it must return a [{len(texts)}, D] tensor")
+    return emb
+
+
 def _validate(texts: Sequence[str], embeddings: torch.Tensor) -> list[str]:
     """Check that texts and embeddings form a bank; return the texts as a list."""
     texts = list(texts)
@@ -273,8 +262,3 @@ def _validate(texts: Sequence[str], embeddings: torch.Tensor) -> list[str]:
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())

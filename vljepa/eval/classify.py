@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from vljepa.decode.nearest import encoded
+
 
 def class_embeddings(
     classnames: Sequence[str],
@@ -40,13 +42,7 @@ def class_embeddings(
     with torch.no_grad():
         for name in classnames:
             prompts = [template.replace("{}", name) for template in templates]
-            emb = encode(prompts)
-            shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
-            if not isinstance(emb, torch.Tensor) or len(shape) != 2 or shape[0] != len(prompts):
-                raise ValueError(
-                    f"encode returned {shape} for {len(prompts)} prompts; it must return a "
-                    f"[{len(prompts)}, D] tensor"
-                )
+            emb = encoded(encode, prompts, "prompts")
             out.append(F.normalize(emb.detach().float(), dim=-1).mean(dim=0))
     return F.normalize(torch.stack(out), dim=-1)
 

@@ -146,22 +146,31 @@ def answer(model: VLJepa, image: str, question: str, candidates: list[str], *, k
     return [(bank.texts[i], float(s)) for s, i in zip(scores[0].tolist(), idx[0].tolist())]
 
 
-def format_table(results: dict) -> str:
-    """A plain-text table of the headline numbers of one or more reports ``{name: report}``."""
+def _headline(report: dict) -> list[tuple[str, str]]:
+    """(metric, value) rows of one report's headline numbers."""
     rows = []
-    for name, r in results.items():
-        if "retrieval" in r:
-            m = r["retrieval"]
-            rows.append((name, "retrieval i2t R@1 / R@5 / R@10", f"{m['i2t_R@1']:.3f} / {m['i2t_R@5']:.3f} / {m['i2t_R@10']:.3f}"))
-            rows.append((name, "retrieval t2i R@1 / R@5 / R@10", f"{m['t2i_R@1']:.3f} / {m['t2i_R@5']:.3f} / {m['t2i_R@10']:.3f}"))
-        if "classify" in r:
-            rows.append((name, "zero-shot top-1 / top-5", f"{r['classify']['top1']:.3f} / {r['classify']['top5']:.3f}"))
-        if "vqa" in r:
-            rows.append((name, "VQA accuracy", f"{r['vqa']['accuracy']:.3f}  (n={r['vqa']['n']})"))
-            for t, v in sorted(r["vqa"]["per_type"].items()):
-                rows.append((name, f"  VQA {t}", f"{v['accuracy']:.3f}  (n={v['n']})"))
-    w0 = max((len(a) for a, _, _ in rows), default=5)
-    w1 = max((len(b) for _, b, _ in rows), default=6)
-    lines = [f"{'split':<{w0}}  {'metric':<{w1}}  value", f"{'-' * w0}  {'-' * w1}  -----"]
-    lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+    if "retrieval" in report:
+        m = report["retrieval"]
+        for d in ("i2t", "t2i"):
+            rows.append((f"retrieval {d} R@1 / R@5 / R@10", " / ".join(f"{m[f'{d}_R@{k}']:.3f}" for k in (1, 5, 10))))
+    if "classify" in report:
+        rows.append(("zero-shot top-1 / top-5", f"{report['classify']['top1']:.3f} / {report['classify']['top5']:.3f}"))
+    if "vqa" in report:
+        rows.append(("VQA accuracy", f"{report['vqa']['accuracy']:.3f}  (n={report['vqa']['n']})"))
+        for t, v in sorted(report["vqa"]["per_type"].items()):
+            rows.append((f"  VQA {t}", f"{v['accuracy']:.3f}  (n={v['n']})"))
+    return rows
+
+
+def format_table(results: dict, reference: dict | None = None) -> str:
+    """A plain-text table of the headline numbers of one or more reports ``{split: report}``, with a
+    column of ``reference`` reports of the same splits where given."""
+    rows = []
+    for split, report in results.items():
+        ref = dict(_headline(reference.get(split, {}))) if reference else {}
+        rows += [(split, metric, value, ref.get(metric, "-")) for metric, value in _headline(report)]
+    head = ("split", "metric", "value") + (("reference",) if reference else ())
+    widths = [max([len(head[i])] + [len(r[i]) for r in rows]) for i in range(len(head))]
+    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(line, widths)).rstrip()
+             for line in [head, tuple("-" * w for w in widths), *[r[:len(head)] for r in rows]]]
     return "\n".join(lines)

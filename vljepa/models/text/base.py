@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from vljepa.config import ConfigError, TextConfig
+from vljepa.models.layers import masked_mean
 from vljepa.models.lora import Tower
 
 # sentence-transformers writes pooling either as one flag per mode (up to v5) or as "pooling_mode".
@@ -42,8 +43,7 @@ def read_pooling(folder: str | Path) -> str:
 def pool(states: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """Pool token states ``[B, L, H]`` under ``mask`` ``[B, L]`` into ``[B, H]``."""
     if mode == "mean":
-        m = mask.unsqueeze(-1).to(states.dtype)
-        return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return masked_mean(states, mask)
     if mode == "cls":
         return states[:, 0]
     if mode == "last":
