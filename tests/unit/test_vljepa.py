@@ -193,6 +193,8 @@ def test_text_query_states_are_the_y_encoders_and_can_come_precomputed(make_tiny
         y = m.text(one["query_ids"], one["query_mask"]).states[0]
     torch.testing.assert_close(states[2, :n], y[:n], atol=1e-5, rtol=1e-5)
     assert states[2, n:].abs().sum() == 0 and states[1].abs().sum() == 0  # padding and the query-free row
+    none = m.query_states(q["query_ids"], torch.zeros_like(q["query_mask"]))
+    assert none.shape == states.shape and none.abs().sum() == 0
     first = m.predict(pixels, **q)
     torch.testing.assert_close(m.predict(pixels, **q, query_states=states), first)
     other = m.tokenize_queries(["is the circle blue?"] * 3)

@@ -111,6 +111,8 @@ class VLJepa(nn.Module):
         rows), without gradient: what a predictor that ``reads_query_states`` reads."""
         mask = torch.ones_like(query_ids) if query_mask is None else query_mask
         rows = mask.any(1)
+        if not rows.any():
+            return torch.zeros(*query_ids.shape, self.text.hidden_size, device=query_ids.device)
         with torch.no_grad():
             states = self.text(query_ids[rows], mask[rows]).states * mask[rows, :, None]
         out = states.new_zeros(*query_ids.shape, states.shape[-1])
