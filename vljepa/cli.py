@@ -41,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0 = automatic: one per GPU, one on a CPU)")
 
     p = sub.add_parser("world", help="generate the built-in procedural world (images + metadata.jsonl)",
-                       description="Write a seeded world of 1-3 coloured shapes per image with paraphrased captions "
-                                   "and VQA questions, as train / test / comp (compositional) split folders in the "
-                                   "same on-disk format as user data (images + metadata.jsonl + questions.jsonl).")
+                       description="Write a seeded world of 1-3 coloured shapes per image (up to 6 with "
+                                   "--max-objects) with paraphrased captions and VQA questions, as train / test / "
+                                   "comp (compositional) split folders in the same on-disk format as user data "
+                                   "(images + metadata.jsonl + questions.jsonl).")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train", type=int, default=8000, help="training images (default 8000)")
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--comp", type=int, default=500, help="compositional test images (default 500)")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--captions", type=int, default=5, help="captions per image (default 5)")
+    p.add_argument("--grounded", action="store_true",
+                   help="also ask grounded questions about named objects: position, attribute, nearest / furthest, "
+                        "shared attributes, yes/no relations (types position, attribute, nearest, furthest, "
+                        "share_count, relation_yesno; each record also has a family)")
+    p.add_argument("--max-objects", type=int, default=3,
+                   help="most objects per image, 1..6 (default 3); above 3 objects are smaller and placed anywhere")
 
     p = sub.add_parser("train", help="train a model from YAML config(s) + overrides",
                        description="Train with Accelerate (run under `accelerate launch` for several processes). "
@@ -91,12 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_world(args: argparse.Namespace) -> None:
     from vljepa.config import ConfigError
-    from vljepa.data.world import generate_world
+    from vljepa.data.world import MAX_OBJECTS, generate_world
 
+    if not 1 <= args.max_objects <= MAX_OBJECTS:
+        raise ConfigError(f"world: --max-objects must be in 1..{MAX_OBJECTS}, got {args.max_objects}")
     t = time.time()
     try:
         info = generate_world(args.out, seed=args.seed, n_train=args.train, n_test=args.test, n_comp=args.comp,
-                              image_size=args.image_size, captions_per_image=args.captions, progress=True)
+                              image_size=args.image_size, captions_per_image=args.captions, grounded=args.grounded,
+                              max_objects=args.max_objects, progress=True)
     except ValueError as exc:  # --image-size / --captions out of range
         raise ConfigError(f"world: {exc}") from exc
     print(f"world written to {info.root} in {time.time() - t:.1f}s: {info.splits}; held-out pairs {info.held_out}")

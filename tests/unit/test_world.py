@@ -1,9 +1,12 @@
 """The built-in world: determinism, the compositional split, and captions and answers
-that agree with the scene objects stored beside each image."""
+that agree with the scene objects stored beside each image; the default world byte for byte as
+before; the grounded question families and scenes of up to six objects."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -12,10 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vljepa.data import world as world_module
+from vljepa.cli import main as cli_main
 from vljepa.data.formats import CaptionRecord, VQARecord
 from vljepa.data.readers import read_split
-from vljepa.data.world import COLORS, SHAPES, SIZE_WORDS, generate_world
+from vljepa.data.world import COLORS, MAX_CAPTIONS, SHAPES, SIZE_WORDS, generate_world, grounded, scenes
+from vljepa.data.world.questions import RELATION_QUESTIONS
+from vljepa.data.world.scenes import SceneObject
 
 SPLITS = ("train", "test", "comp")
 
@@ -29,6 +34,19 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     info = generate_world(root, seed=7, n_train=120, n_test=40, n_comp=40, image_size=48, captions_per_image=4)
     return info
+
+
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory):
+    """A grounded world of 1-6 objects per image."""
+    root = tmp_path_factory.mktemp("crowded")
+    return generate_world(root, seed=3, n_train=240, n_test=30, n_comp=30, image_size=48, captions_per_image=4,
+                          grounded=True, max_objects=6)
+
+
+@pytest.fixture(params=["world", "crowded"])
+def any_world(request):
+    return request.getfixturevalue(request.param)
 
 
 def _scenes(info, split: str) -> list[dict]:
@@ -51,11 +69,11 @@ def test_layout_and_world_json(world):
     assert meta["answers"] == world.answers == sorted(used)
 
 
-def test_images_match_objects(world):
+def test_images_match_objects(any_world):
     """Each image is RGB at the right size, and each object's centre pixel has its colour."""
-    palette = {name: np.array(rgb) for name, rgb in world_module._RGB.items()}
-    for record in _scenes(world, "train")[:30]:
-        img = Image.open(world.root / "train" / record["file_name"])
+    palette = {name: np.array(rgb) for name, rgb in scenes.RGB.items()}
+    for record in _scenes(any_world, "train")[:30]:
+        img = Image.open(any_world.root / "train" / record["file_name"])
         assert img.mode == "RGB" and img.size == (48, 48)
         pixels = np.asarray(img).astype(int)
         for obj in record["objects"]:
@@ -84,7 +102,8 @@ def test_splits_use_different_streams(world):
     assert _scenes(world, "train")[0]["objects"] != _scenes(world, "test")[0]["objects"]
 
 
-def test_held_out_pairs(world):
+def test_held_out_pairs(any_world):
+    world = any_world
     held = [tuple(p) for p in world.held_out]
     assert len(held) == 4
     assert len({c for c, _ in held}) == 4 and len({s for _, s in held}) == 4
@@ -124,7 +143,8 @@ def _phrase_position(caption: str, obj: dict) -> int:
     return -1
 
 
-def test_captions_name_every_object_in_order(world):
+def test_captions_name_every_object_in_order(any_world):
+    world = any_world
     for split in SPLITS:
         for record in _scenes(world, split):
             captions = record["captions"]
@@ -149,17 +169,18 @@ def _clear_vertical(objs: list[dict]) -> tuple[str, str] | None:
         return None
     a, b = max(pairs, key=lambda p: abs(p[0]["y"] - p[1]["y"]))
     gap = abs(a["y"] - b["y"])
-    if abs(gap - world_module._VERTICAL_MIN) < 1e-3:
+    if abs(gap - scenes.VERTICAL_MIN) < 1e-3:
         return ("?", "?")  # rounding of the stored y decides; not checked
-    if gap < world_module._VERTICAL_MIN:
+    if gap < scenes.VERTICAL_MIN:
         return None
     upper, lower = (a, b) if a["y"] < b["y"] else (b, a)
     return f"{upper['color']} {upper['shape']}", f"{lower['color']} {lower['shape']}"
 
 
-def test_captions_state_the_clear_vertical_relation(world):
+def test_captions_state_the_clear_vertical_relation(any_world):
     """Two of the four paraphrases say which object is above which, exactly when two objects are
     clearly one above the other; what they say matches the stored positions."""
+    world = any_world
     stated = 0
     for split in SPLITS:
         for record in _scenes(world, split):
@@ -180,7 +201,7 @@ def test_captions_state_the_clear_vertical_relation(world):
     assert stated > 0
 
 
-_COUNTS = ("zero", "one", "two", "three")
+_COUNTS = ("zero", "one", "two", "three", "four", "five", "six")
 
 
 def _oracle(question: str, objs: list[dict]) -> str:
@@ -235,11 +256,14 @@ def _oracle(question: str, objs: list[dict]) -> str:
     raise AssertionError(f"unknown question form: {question!r}")
 
 
-def test_answers_agree_with_scene(world):
+def test_answers_agree_with_scene(any_world):
+    world = any_world
     types: Counter = Counter()
     for split in SPLITS:
         objects = _objects_by_file(world, split)
         for q in _lines(world.root / split / "questions.jsonl"):
+            if "family" in q:  # grounded: see test_grounded_answers_agree_with_scene
+                continue
             objs = objects[q["file_name"]]
             assert q["answer"] == _oracle(q["question"], objs), (q, objs)
             assert q["answer"] in q["answers"]
@@ -255,7 +279,7 @@ def test_one_question_per_type_per_image(world):
     questions = _lines(world.root / "train/questions.jsonl")
     per_image = Counter((q["file_name"], q["type"]) for q in questions)
     assert max(n for (_, t), n in per_image.items() if t != "relation") == 1
-    assert max(n for (_, t), n in per_image.items() if t == "relation") == world_module._RELATION_QUESTIONS
+    assert max(n for (_, t), n in per_image.items() if t == "relation") == RELATION_QUESTIONS
     relation_texts = Counter((q["file_name"], q["question"]) for q in questions if q["type"] == "relation")
     assert max(relation_texts.values()) == 1  # never the same relation question twice for one image
     for record in scenes:
@@ -291,7 +315,7 @@ def test_reads_back_through_read_split(world):
 
 def test_rejects_too_many_captions(tmp_path):
     with pytest.raises(ValueError, match="captions_per_image"):
-        generate_world(tmp_path, n_train=1, n_test=1, n_comp=1, captions_per_image=world_module.MAX_CAPTIONS + 1)
+        generate_world(tmp_path, n_train=1, n_test=1, n_comp=1, captions_per_image=MAX_CAPTIONS + 1)
 
 
 def test_hf_imagefolder_reads_a_split(world, tmp_path, monkeypatch):
@@ -325,3 +349,274 @@ def test_same_content_gives_the_same_captions(world):
     one_object = next(c for c in by_content if len(c) == 1)
     captions = next(iter(by_content[one_object]))
     assert len(set(captions)) == 4  # distinct paraphrases
+
+
+# --- the default world, byte for byte ---------------------------------------------------------------
+
+# sha256 of the files (JSON) and of the decoded pixels (images) written by the world before the
+# grounded families existed; the quickstart's reference results depend on these worlds.
+_DEFAULT_WORLD = {
+    "world.json": "f72144d42a273ee99bf3b7def43242790348365933a688386760a5537c8cbf58",
+    "train/metadata.jsonl": "131e45f53de6d1e05754f01948a2637d578de377b6384ead9d3bd8cd50630acf",
+    "train/questions.jsonl": "530ab93dd10947512816d12f43fd5ba8ba48eaf7e99c43966b95c9e11cee2abf",
+    "test/metadata.jsonl": "3fc52aa29478c386a749a363046975c85095eceb130abf4accb1f1bd4e2e8a4d",
+    "test/questions.jsonl": "ddef20279204fd8d658fc853327a4c4701951c8b4d565d734f3cd8af19970e93",
+    "comp/metadata.jsonl": "5975da34fdbb543813ed4622d07acd128eba16ee2c8f1ccd0e6fa293a799b4c1",
+    "comp/questions.jsonl": "8b91f24573d69e9a5d366eaf40c6438e5373fb53f6c82a5097f76657751e0358",
+    "train/images/000000.png": "044b75dd1481c7e9b16999272a0eb8741a2185c069520169582e2643abf6dd7b",
+    "test/images/000005.png": "fb2bc09412fb4705158f68c21a45c06883732f4fa8c9bc39bbb0abe6488a8d80",
+    "comp/images/000003.png": "bbea403c595241fd383a69761470ba55970ff1dc874042c221ecaefc0aaf364c",
+}
+_DEFAULT_CLI_WORLD = {  # vljepa world --train 5 --test 3 --comp 3 --seed 2
+    "world.json": "bdd33097ee159ea5639f2c1e0a1e6503a63b632affb40281e7589cfc5c2ab440",
+    "train/metadata.jsonl": "dc127d8e762fb08c9244ea71c86a4ce4a10f5d0fa83002174f260e240c1b4687",
+    "train/questions.jsonl": "86d9a02adccee0c2d6d2dedf0e6934ab990fc85c8f5a93d02f31e18e09b5ef11",
+    "comp/questions.jsonl": "125f43a9cbddb32b3db0a33df47af9b68824f78009e9eb76025c46e587a0c2a0",
+    "train/images/000004.png": "46e70e4ea4624d0027d770810d6c50f4e5d9856f31e202607042c20b2fa735a8",
+}
+
+
+def _digests(root: Path, names) -> dict[str, str]:
+    def data(name: str) -> bytes:
+        path = root / name
+        return np.asarray(Image.open(path)).tobytes() if name.endswith(".png") else path.read_bytes()
+
+    return {name: hashlib.sha256(data(name)).hexdigest() for name in names}
+
+
+def test_default_world_is_unchanged(tmp_path):
+    info = generate_world(tmp_path, seed=0, n_train=12, n_test=6, n_comp=6)
+    assert _digests(info.root, _DEFAULT_WORLD) == _DEFAULT_WORLD
+
+
+def test_cli_default_world_is_unchanged(tmp_path):
+    out = tmp_path / "w"
+    assert cli_main(["world", "--out", str(out), "--train", "5", "--test", "3", "--comp", "3", "--seed", "2"]) == 0
+    assert _digests(out, _DEFAULT_CLI_WORLD) == _DEFAULT_CLI_WORLD
+
+
+def test_cli_rejects_max_objects_out_of_range(tmp_path, capsys):
+    assert cli_main(["world", "--out", str(tmp_path / "w"), "--max-objects", "9"]) == 2
+    assert "--max-objects must be in 1..6, got 9" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("max_objects", [0, 7])
+def test_rejects_max_objects_out_of_range(tmp_path, max_objects):
+    with pytest.raises(ValueError, match=f"max_objects must be in 1..6, got {max_objects}"):
+        generate_world(tmp_path, n_train=1, n_test=1, n_comp=1, max_objects=max_objects)
+
+
+def test_grounded_adds_questions_and_keeps_the_rest(tmp_path):
+    """With three objects at most, ``grounded`` changes no image, caption or classic question: it
+    only adds grounded records (each with a family) after each image's classic ones."""
+    kwargs = dict(seed=4, n_train=20, n_test=5, n_comp=5, image_size=32, captions_per_image=2)
+    plain, rich = generate_world(tmp_path / "p", **kwargs), generate_world(tmp_path / "g", grounded=True, **kwargs)
+    for split in SPLITS:
+        meta = split + "/metadata.jsonl"
+        assert (plain.root / meta).read_bytes() == (rich.root / meta).read_bytes()
+        for p in (plain.root / split / "images").glob("*.png"):
+            assert p.read_bytes() == (rich.root / split / "images" / p.name).read_bytes()
+        added = _lines(rich.root / split / "questions.jsonl")
+        assert [q for q in added if "family" not in q] == _lines(plain.root / split / "questions.jsonl")
+        assert sum("family" in q for q in added) > 2 * len(_scenes(rich, split))
+        order = [q["file_name"] for q in added]
+        assert order == sorted(order)  # an image's questions stay together
+    world_json = json.loads((rich.root / "world.json").read_text())
+    assert world_json["grounded"] is True and world_json["max_objects"] == 3
+    assert "grounded" not in json.loads((plain.root / "world.json").read_text())
+
+
+# --- scenes of up to six objects ------------------------------------------------------------------------
+
+
+def test_crowded_layout(crowded):
+    counts: Counter = Counter()
+    for split in SPLITS:
+        for record in _scenes(crowded, split):
+            objs = record["objects"]
+            counts[len(objs)] += 1
+            assert len({(o["color"], o["shape"]) for o in objs}) == len(objs)
+            xs = [o["x"] for o in objs]
+            assert xs == sorted(xs) and all(b - a >= 0.1 - 1e-3 for a, b in zip(xs, xs[1:]))
+            for i, a in enumerate(objs):
+                assert 0 < a["x"] < 1 and 0 < a["y"] < 1
+                for b in objs[i + 1 :]:  # the two smallest radii plus the gap
+                    assert math.hypot(a["x"] - b["x"], a["y"] - b["y"]) >= 2 * 0.07 * 0.92 + 0.04 - 1e-3
+    assert set(counts) == {1, 2, 3, 4, 5, 6}
+    assert any(len(r["objects"]) > 3 and int(r["objects"][0]["x"] * 3) == int(r["objects"][1]["x"] * 3)
+               for r in _scenes(crowded, "train")), "objects are not confined to one per third"
+
+
+def test_fewer_objects_keep_the_thirds(tmp_path):
+    info = generate_world(tmp_path, seed=2, n_train=40, n_test=1, n_comp=1, image_size=16, captions_per_image=1,
+                          max_objects=2)
+    records = _scenes(info, "train")
+    assert {len(r["objects"]) for r in records} == {1, 2}
+    for r in records:
+        thirds = [int(o["x"] * 3) for o in r["objects"]]
+        assert thirds == sorted(set(thirds))
+
+
+def test_crowded_world_is_deterministic(tmp_path):
+    kwargs = dict(n_train=8, n_test=2, n_comp=2, image_size=32, captions_per_image=2, grounded=True, max_objects=6)
+    a, b, c = (generate_world(tmp_path / n, seed=s, **kwargs) for n, s in (("a", 1), ("b", 1), ("c", 2)))
+    for f in [f"{s}/{name}" for s in SPLITS for name in ("metadata.jsonl", "questions.jsonl")] + ["world.json"]:
+        assert (a.root / f).read_bytes() == (b.root / f).read_bytes(), f
+    for p in sorted(a.root.glob("*/images/*.png")):
+        assert p.read_bytes() == (b.root / p.relative_to(a.root)).read_bytes()
+    assert (a.root / "train/questions.jsonl").read_bytes() != (c.root / "train/questions.jsonl").read_bytes()
+
+
+# --- grounded questions ---------------------------------------------------------------------------------
+
+_TYPES = {"position_lr": "position", "position_tb": "position", "attribute_shape": "attribute",
+          "attribute_color": "attribute", "attribute_size": "attribute", "nearest": "nearest",
+          "furthest": "furthest", "share_color": "share_count", "share_shape": "share_count",
+          "relation_left": "relation_yesno", "relation_right": "relation_yesno",
+          "relation_above": "relation_yesno", "relation_below": "relation_yesno"}
+_NAME = rf"(?:(small|large) )?(?:({'|'.join(COLORS)}) )?({'|'.join(SHAPES)}|object)"
+
+
+def _referent(objs: list[dict], size: str | None, color: str | None, shape: str) -> dict:
+    """The one object a name such as "small red object" or "square" fits; fails if none or several."""
+    assert color or shape != "object", "a name must give a colour or a shape"
+    found = [o for o in objs if size in (None, o["size"]) and color in (None, o["color"])
+             and shape in ("object", o["shape"])]
+    assert len(found) == 1, f"ambiguous or absent referent {(size, color, shape)}"
+    return found[0]
+
+
+def _dist(a: dict, b: dict) -> float:
+    return math.hypot(a["x"] - b["x"], a["y"] - b["y"])
+
+
+def _grounded_oracle(q: dict, objs: list[dict]) -> str:
+    """A grounded question's answer, worked out from the scene objects alone; fails where the
+    question is ambiguous or its answer not clear. Checks the family the question's form has."""
+    text, family = q["question"], q["family"]
+
+    def check(expected: str) -> None:
+        assert family == expected, (text, family)
+
+    if m := re.fullmatch(rf"is the {_NAME} on the left or the right of the image\?", text):
+        check("position_lr")
+        o = _referent(objs, *m.groups())
+        assert abs(o["x"] - 0.5) >= grounded.SIDE_MARGIN
+        return "left" if o["x"] < 0.5 else "right"
+    if m := re.fullmatch(rf"is the {_NAME} at the top or the bottom of the image\?", text):
+        check("position_tb")
+        o = _referent(objs, *m.groups())
+        assert abs(o["y"] - 0.5) >= grounded.SIDE_MARGIN
+        return "top" if o["y"] < 0.5 else "bottom"
+    if m := re.fullmatch(rf"what (shape|color|size) is the {_NAME}\?", text):
+        check(f"attribute_{m[1]}")
+        size, color, shape = m.groups()[1:]
+        given = {"size": size, "color": color, "shape": None if shape == "object" else shape}
+        assert given[m[1]] is None, "the name gives away the answer"
+        return _referent(objs, size, color, shape)[m[1]]
+    if m := re.fullmatch(rf"which object is (nearest to|furthest from) the {_NAME}\?", text):
+        check("nearest" if m[1] == "nearest to" else "furthest")
+        ref = _referent(objs, *m.groups()[1:])
+        others = sorted((o for o in objs if o is not ref), key=lambda o: _dist(o, ref), reverse=m[1] != "nearest to")
+        assert len(others) >= 2
+        first, second = _dist(others[0], ref), _dist(others[1], ref)
+        assert max(first, second) > grounded.DISTANCE_RATIO * min(first, second)
+        return f"{others[0]['color']} {others[0]['shape']}"
+    if m := re.fullmatch(rf"how many other objects have the same (color|shape) as the {_NAME}\?", text):
+        check(f"share_{m[1]}")
+        ref = _referent(objs, *m.groups()[1:])
+        assert len(objs) >= 2
+        return _COUNTS[sum(o[m[1]] == ref[m[1]] for o in objs if o is not ref)]
+    if m := re.fullmatch(rf"is the {_NAME} (to the left of|to the right of|above|below) the {_NAME}\?", text):
+        relation = m[4].removeprefix("to the ").removesuffix(" of")
+        check(f"relation_{relation}")
+        a, b = _referent(objs, *m.groups()[:3]), _referent(objs, *m.groups()[4:])
+        axis = "x" if relation in ("left", "right") else "y"
+        assert a is not b and abs(a[axis] - b[axis]) >= grounded.RELATION_MIN
+        holds = (a[axis] < b[axis]) == (relation in ("left", "above"))
+        return "yes" if holds else "no"
+    raise AssertionError(f"unknown grounded question form: {text!r}")
+
+
+@pytest.fixture(params=["crowded", "grounded_thirds"])
+def grounded_world(request, tmp_path_factory):
+    if request.param == "crowded":
+        return request.getfixturevalue("crowded")
+    root = tmp_path_factory.mktemp("grounded_thirds")
+    return generate_world(root, seed=11, n_train=40, n_test=10, n_comp=10, image_size=16, captions_per_image=1,
+                          grounded=True)
+
+
+def test_grounded_answers_agree_with_scene(grounded_world):
+    families: Counter = Counter()
+    for split in SPLITS:
+        objects = _objects_by_file(grounded_world, split)
+        questions = _lines(grounded_world.root / split / "questions.jsonl")
+        for q in questions:
+            if "family" not in q:
+                continue
+            assert q["type"] == _TYPES[q["family"]]
+            assert q["answer"] == _grounded_oracle(q, objects[q["file_name"]]), q
+            assert q["answer"] in q["answers"]
+            families[q["family"]] += 1
+        texts = Counter((q["file_name"], q["question"]) for q in questions)
+        assert max(texts.values()) == 1  # no image is asked the same question twice
+    assert set(families) == set(_TYPES)
+    assert set(_TYPES) == set(grounded.TEMPLATES) == set(grounded.TYPES)
+
+
+def test_grounded_answers_are_balanced(crowded):
+    questions = [q | {"file_name": f"{split}/{q['file_name']}"}
+                 for split in ("train", "test") for q in _lines(crowded.root / split / "questions.jsonl")]
+
+    def share(type_or_family: str, answer: str) -> float:
+        answers = [q["answer"] for q in questions if type_or_family in (q["type"], q.get("family"))]
+        assert len(answers) > 150, type_or_family
+        return answers.count(answer) / len(answers)
+
+    assert 0.45 < share("relation_yesno", "yes") < 0.55
+    assert 0.4 < share("position_lr", "left") < 0.6
+    assert 0.4 < share("position_tb", "top") < 0.6
+    assert share("share_count", "zero") < 0.75  # counts are not nearly always zero
+    per_image = Counter((q["file_name"], q["type"]) for q in questions if "family" in q)
+    assert max(n for (_, t), n in per_image.items() if t == "relation_yesno") == RELATION_QUESTIONS
+    assert max(n for (_, t), n in per_image.items() if t == "position") == 2  # left/right and top/bottom
+
+
+def _asked(objects: list[SceneObject], draws: int = 200) -> list[tuple[str, str, str]]:
+    """(family, question, answer) of every grounded question drawn for a scene over many streams."""
+    return [(f, q, a) for s in range(draws)
+            for _, f, q, a, _ in grounded.grounded_questions(scenes.rng_for(s), objects, set())]
+
+
+def _obj(color: str, shape: str, x: float, y: float, size: str = "small") -> SceneObject:
+    return SceneObject(color=color, shape=shape, size=size, x=x, y=y, r=0.05)
+
+
+def test_grounded_names_are_unambiguous():
+    """Two red objects: never "the red object"; two circles: never "the circle"."""
+    scene = [_obj("red", "circle", 0.2, 0.2), _obj("red", "square", 0.5, 0.8, "large"),
+             _obj("blue", "circle", 0.8, 0.3, "large")]
+    texts = [q for _, q, _ in _asked(scene)]
+    assert not any("the red object" in t or re.search(r"the circle\b", t) for t in texts)
+    assert any("the small red object" in t for t in texts) and any("the small circle" in t for t in texts)
+    assert any("the square" in t for t in texts) and any("the blue object" in t for t in texts)
+    assert ("attribute_shape", "what shape is the small red object?", "circle") in _asked(scene)
+
+
+def test_grounded_asks_only_clear_positions_distances_and_relations():
+    near_middle = _obj("red", "circle", 0.56, 0.1)  # clearly at the top, not clearly left or right
+    scene = [near_middle, _obj("blue", "star", 0.12, 0.9), _obj("green", "square", 0.7, 0.6)]
+    asked = _asked(scene)
+    lr = {q for f, q, _ in asked if f == "position_lr"}
+    assert lr and not any("red" in q or "circle" in q for q in lr)
+    assert ("position_tb", "is the red object at the top or the bottom of the image?", "top") in asked
+    # Distances from the green square: red 0.52, blue 0.66 -> ratio 1.27, no nearest/furthest question.
+    distance = [q for f, q, _ in asked if f in ("nearest", "furthest")]
+    assert distance and not any(q.endswith(("the green square?", "the square?", "the green object?")) for q in distance)
+    # The red circle and the green square are 0.14 apart along x: no left/right relation between them.
+    for f, q, _ in asked:
+        if f in ("relation_left", "relation_right"):
+            assert not ({"red", "circle"} & set(q.split()) and {"green", "square"} & set(q.split())), q
+    assert any(f == "relation_above" and "red" in q and "green" in q for f, q, _ in asked)
