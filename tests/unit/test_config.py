@@ -203,7 +203,7 @@ def test_shipped_yaml_configs_all_load():
     # configs users copy (configs/accelerate/ are `accelerate launch --config_file` files, not run configs).
     files = sorted(config_dir().rglob("*.yaml"))
     assert {f.relative_to(config_dir()).as_posix() for f in files} == {
-        "model/quickstart.yaml", "train/quickstart_stage1.yaml", "train/quickstart_stage2.yaml"}
+        "model/quickstart.yaml", "train/quickstart_stage1.yaml", "train/quickstart_stage2.yaml", "train/vqa.yaml"}
     repo = sorted(f for f in REPO_CONFIGS.rglob("*.yaml") if f.relative_to(REPO_CONFIGS).parts[0] != "accelerate")
     assert {"paper/stage1.yaml", "paper/stage2.yaml"} <= {f.relative_to(REPO_CONFIGS).as_posix() for f in repo}
     for f in files + repo:
