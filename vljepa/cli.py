@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
     p.add_argument("--small", action="store_true",
                    help="a tiny world and a few steps: checks the pipeline in about a minute, numbers are meaningless")
+    p.add_argument("--grounded", action="store_true",
+                   help="the world also asks questions about named objects (position, attribute, nearest / "
+                        "furthest, shared attributes, yes/no relations); see docs/grounding.md")
     p.add_argument("--processes", type=int, default=0,
                    help="training processes per stage, launched with `accelerate launch` when more than one "
                         "(default 0 = automatic: one per GPU, one on a CPU)")
@@ -58,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "share_count, relation_yesno; each record also has a family)")
     p.add_argument("--max-objects", type=int, default=3,
                    help="most objects per image, 1..6 (default 3); above 3 objects are smaller and placed anywhere")
+    p.add_argument("--video", action="store_true",
+                   help="write video clips instead of images: in each an object moves, appears, disappears or "
+                        "changes colour or shape (videos/*.mp4 + captions, timestamped events and questions about "
+                        "what happened; train and test splits; --comp, --grounded, --max-objects do not apply)")
+    p.add_argument("--clip-seconds", type=float, default=2.0, help="with --video: seconds per clip (default 2)")
+    p.add_argument("--fps", type=float, default=8.0, help="with --video: frames a second (default 8)")
 
     p = sub.add_parser("train", help="train a model from YAML config(s) + overrides",
                        description="Train with Accelerate (run under `accelerate launch` for several processes). "
@@ -69,12 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="check the config and the data, print parameter counts and the global batch, and exit")
 
-    p = sub.add_parser("eval", help="evaluate a saved model on a split (retrieval, classify, vqa)",
+    p = sub.add_parser("eval", help="evaluate a saved model on a split (retrieval, classify, vqa, caption)",
                        description="Evaluate a saved model folder on a split folder and print / save a JSON report. "
                                    "Report keys are documented in vljepa.eval.report.", epilog=EPILOG_OVERRIDES)
     p.add_argument("--model", required=True, help="model folder written by save_pretrained (or hf-hub:owner/name)")
     p.add_argument("--split", required=True, help="split folder (images + metadata.jsonl [+ questions.jsonl])")
-    p.add_argument("--tasks", default="retrieval,classify,vqa", help="comma-separated: retrieval,classify,vqa")
+    p.add_argument("--tasks", default="retrieval,classify,vqa", help="comma-separated: retrieval,classify,vqa,caption (caption needs `vljepa train-decoder` first)")
     p.add_argument("--out", default="", help="write the JSON report here")
     p.add_argument("--on-error", choices=["stop", "skip"], default="stop", help="bad records: stop or skip and count")
 
@@ -88,6 +97,48 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--candidates", help="text file with one candidate answer a line")
     group.add_argument("--answers", help="comma-separated candidate answers")
     p.add_argument("-k", type=int, default=3, help="how many candidates to print")
+
+    p = sub.add_parser("train-decoder", help="train a light text decoder for a saved model",
+                       description="Embed a split's captions with the model's frozen Y-encoder and target head, "
+                                   "train a light decoder (embedding -> caption) on them with Gaussian noise on the "
+                                   "embeddings, and save it as DIR/decoder/ (VLJepa.from_pretrained(DIR) loads it "
+                                   "as model.decoder). Keys: vljepa.config.DecoderTrainConfig.",
+                       epilog="Overrides are dotted keys of DecoderTrainConfig, e.g. `decoder.depth=2 optim.lr=1e-3 "
+                              "noise_std=0.3 max_steps=500`.")
+    p.add_argument("--model", required=True, help="model folder written by save_pretrained")
+    p.add_argument("--data", required=True, help="caption split folder (images + metadata.jsonl); only its captions are read")
+    p.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="DecoderTrainConfig YAML (default: the shipped vljepa/configs/train/decoder.yaml)")
+
+    p = sub.add_parser("stream", help="caption a video, decoding only when the predicted embedding changes",
+                       description="Run the model over a sliding window of the video's frames (one query-free "
+                                   "embedding per --stride seconds, or with --query), choose where to decode with "
+                                   "a selective-decoding policy, decode each choice as the nearest caption of a "
+                                   "candidate bank (or with the model's own text decoder), and write "
+                                   "OUT/captions.json, OUT/captions.vtt and OUT/captions.srt.")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--video", required=True, help="video file (or a folder of frames with --frame-rate)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--bank", help="candidate bank folder (CandidateBank.save)")
+    group.add_argument("--captions", metavar="SPLIT",
+                       help="split folder whose captions form the bank; without --bank or --captions the "
+                            "model's text decoder is used")
+    p.add_argument("--policy", choices=["ward", "online", "uniform"], default="ward",
+                   help="ward: segments of the finished stream (the paper's method); online: decode when the "
+                        "embedding moves; uniform: a fixed rate (default: ward)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="ward / uniform: decodes per second (default 0.1 for ward, 1.0 for uniform)")
+    p.add_argument("--threshold", type=float, default=0.1,
+                   help="online: cosine distance from the last decoded embedding that triggers a decode (default 0.1)")
+    p.add_argument("--max-gap", type=float, default=10.0,
+                   help="online: decode at least every this many seconds; 0 = no limit (default 10)")
+    p.add_argument("--stride", type=float, default=0.5, help="seconds between embeddings (default 0.5)")
+    p.add_argument("--fps", type=float, default=None, help="resample the video to this frame rate first")
+    p.add_argument("--frame-rate", type=float, default=None, help="frames a second of a --video frames folder")
+    p.add_argument("--query", default="", help="question asked of every window; empty = query-free captions")
+    p.add_argument("--pool", choices=["point", "mean"], default="point",
+                   help="ward / uniform: decode each segment's chosen embedding or its mean (default point)")
+    p.add_argument("--out", required=True, help="output folder")
 
     p = sub.add_parser("summary", help="build a model config and print parameter counts per part",
                        description="Build the model described by the config and print trainable / frozen "
@@ -103,6 +154,19 @@ def _cmd_world(args: argparse.Namespace) -> None:
     if not 1 <= args.max_objects <= MAX_OBJECTS:
         raise ConfigError(f"world: --max-objects must be in 1..{MAX_OBJECTS}, got {args.max_objects}")
     t = time.time()
+    if args.video:
+        from vljepa.data.world import generate_video_world
+
+        if args.grounded or args.max_objects != 3:
+            raise ConfigError("world: --grounded and --max-objects are for images; drop them with --video")
+        try:
+            info = generate_video_world(args.out, seed=args.seed, n_train=args.train, n_test=args.test,
+                                        image_size=args.image_size, clip_seconds=args.clip_seconds, fps=args.fps,
+                                        captions_per_clip=args.captions, progress=True)
+        except ValueError as exc:  # --image-size / --captions / --clip-seconds x --fps out of range
+            raise ConfigError(f"world: {exc}") from exc
+        print(f"video world written to {info.root} in {time.time() - t:.1f}s: {info.splits} clips")
+        return
     try:
         info = generate_world(args.out, seed=args.seed, n_train=args.train, n_test=args.test, n_comp=args.comp,
                               image_size=args.image_size, captions_per_image=args.captions, grounded=args.grounded,
@@ -152,6 +216,17 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"report written to {args.out}")
 
 
+def _cmd_train_decoder(args: argparse.Namespace) -> None:
+    from vljepa.config import DecoderTrainConfig, config_dir, load_config
+    from vljepa.train.decoder import train_decoder
+
+    configs = args.config or [config_dir() / "train" / "decoder.yaml"]
+    cfg = load_config(configs, [*args.overrides, f"data={args.data}"], cls=DecoderTrainConfig)
+    result = train_decoder(args.model, cfg)
+    print(f"trained the decoder {result.steps} steps in {result.seconds:.0f}s on {result.n_captions} captions "
+          f"(last loss {result.last['loss']:.4f}); saved to {result.decoder_dir}")
+
+
 def _cmd_predict(args: argparse.Namespace) -> None:
     from vljepa.eval.report import answer
     from vljepa.models.vljepa import VLJepa
@@ -189,15 +264,56 @@ def _cmd_summary(args: argparse.Namespace) -> None:
     print(f"{'total':<12} {sum(c['trainable'] for c in rows.values()):>14,} {sum(c['frozen'] for c in rows.values()):>14,}")
 
 
+def _cmd_stream(args: argparse.Namespace) -> None:
+    from vljepa.config import ConfigError
+    from vljepa.data.formats import DataError
+    from vljepa.decode.nearest import CandidateBank
+    from vljepa.decode.selective import make_policy
+    from vljepa.data.readers.video import video_info
+    from vljepa.decode.stream import bank_decoder, caption_bank, caption_video, model_decoder, save_captions
+    from vljepa.models.vljepa import VLJepa
+
+    video_info(args.video, frame_rate=args.frame_rate)  # a missing or corrupt video fails before the model loads
+    default_rate = {"ward": 0.1, "uniform": 1.0}.get(args.policy)
+    try:
+        policy = make_policy(args.policy, rate=args.rate if args.rate is not None else default_rate,
+                             threshold=args.threshold, max_gap_s=args.max_gap or None)
+    except ValueError as exc:
+        raise ConfigError(f"stream: {exc}") from exc
+    model = VLJepa.from_pretrained(args.model)
+    if args.bank:
+        try:
+            decode = bank_decoder(CandidateBank.load(args.bank))
+        except (FileNotFoundError, ValueError) as exc:
+            raise DataError(f"--bank: {exc}") from exc
+    elif args.captions:
+        decode = bank_decoder(caption_bank(model, args.captions))
+    else:
+        decode = model_decoder(model)
+        if decode is None:
+            raise ConfigError(f"model '{args.model}' has no text decoder; give --bank BANK_DIR or --captions SPLIT")
+    result = caption_video(model, args.video, policy, decode, fps=args.fps, stride_s=args.stride, query=args.query,
+                           pool=args.pool, frame_rate=args.frame_rate, progress=True)
+    minutes = max(float(result.times[-1]), 1e-9) / 60
+    info = {"model": args.model, "video": args.video, "policy": args.policy, "parameters": vars(policy),
+            "stride_s": args.stride, "query": args.query, "steps": len(result.times), "frames": result.frames,
+            "seconds": round(result.seconds, 2)}
+    save_captions(args.out, result.decodes, result.cues, info)
+    print(f"{len(result.decodes)} decodes ({len(result.decodes) / minutes:.1f} per minute) over {len(result.times)} "
+          f"embeddings, {len(result.cues)} subtitle cues, in {result.seconds:.1f}s; written to {args.out}")
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> None:
     from vljepa.quickstart import run_quickstart
 
-    run_quickstart(args.out, small=args.small, overrides=args.overrides, processes=args.processes)
+    run_quickstart(args.out, small=args.small, overrides=args.overrides, processes=args.processes,
+                   grounded=args.grounded)
 
 
-TAKES_OVERRIDES = {"quickstart", "train", "eval", "summary"}
+TAKES_OVERRIDES = {"quickstart", "train", "eval", "summary", "train-decoder"}
 COMMANDS = {"quickstart": _cmd_quickstart, "world": _cmd_world, "train": _cmd_train, "eval": _cmd_eval,
-            "predict": _cmd_predict, "summary": _cmd_summary}
+            "predict": _cmd_predict, "summary": _cmd_summary, "train-decoder": _cmd_train_decoder,
+            "stream": _cmd_stream}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import yaml
@@ -129,6 +130,26 @@ class ModelConfig:
 
 
 @dataclass
+class DecoderConfig:
+    """Light text decoder: a vector of the shared space -> text (saved with the decoder)."""
+
+    kind: str = "transformer"  # key of vljepa.models.decoder.DECODERS ("transformer", "hf_lm")
+    path: str = ""  # hf_lm: a causal language model folder or Hub id (Llama / Qwen2 / GPT-2 families)
+    prefix_tokens: int = 4  # the embedding becomes this many prefix input embeddings
+    dim: int = 128  # transformer: width
+    depth: int = 2  # transformer: causal blocks
+    heads: int = 4  # transformer: attention heads
+    mlp_ratio: float = 4.0  # transformer: feed-forward width / dim
+    mlp: Literal["gelu", "swiglu"] = "gelu"  # transformer: feed-forward layer
+    dropout: float = 0.0  # transformer
+    max_length: int = 48  # most tokens of a caption, BOS and EOS included (longer training captions are cut)
+    freeze_lm: bool = False  # hf_lm: train only the prefix projection, keep the language model frozen
+    # > 0: whiten the embedding by the training targets' covariance (eigenvalues + this) before the
+    # prefix MLP; 0 = read it as is
+    whiten_eps: float = 1e-4
+
+
+@dataclass
 class SourceConfig:
     """One training source of a (weighted) mixture."""
 
@@ -204,6 +225,10 @@ class EvalConfig:
     classnames: list[str] = field(default_factory=list)  # zero-shot classes ([] = the labels in the split)
     candidates: str = ""  # optional file with one candidate answer a line (VQA bank)
     precision: Literal["no", "bf16", "fp16", "auto"] = "no"  # autocast for encoding during evaluation
+    # caption task: the split folder (or text file, one caption a line) whose captions form the
+    # nearest-neighbour bank; "" = the split the model's decoder was trained on
+    caption_bank: str = ""
+    num_beams: int = 1  # caption task: beam width of the light decoder (1 = greedy)
 
 
 @dataclass
@@ -215,6 +240,25 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class DecoderTrainConfig:
+    """``vljepa train-decoder``: fit a light decoder to a saved model's target embeddings of captions."""
+
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: str = ""  # a caption split folder (images + metadata.jsonl); only its captions are read
+    on_error: Literal["stop", "skip"] = "stop"  # bad records: stop, or skip and count
+    # Gaussian noise of a norm drawn uniformly from [0, noise_std] per caption, added to its normalised
+    # target embedding (renormalised after): the decoder also learns to read predicted embeddings
+    noise_std: float = 0.25
+    batch_size: int = 64
+    max_steps: int = 2500
+    seed: int = 0
+    log_every: int = 100
+    progress: bool = True
+    device: str = "auto"  # auto = cuda when available, else cpu
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +325,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         raise ConfigError(f"'{key}' must be null, got {value!r}")
     raise ConfigError(f"'{key}': unsupported type {_type_name(tp)}")
+
+
+def check_kind_keys(cfg: Any, kind_keys: Sequence[str], prefix: str) -> None:
+    """A key of ``cfg`` (a dataclass with a ``kind``) that the chosen kind does not read, set away from
+    its default, is an error naming it: it would be silently ignored."""
+    defaults = type(cfg)()
+    for key in vars(defaults):
+        if key != "kind" and key not in kind_keys and getattr(cfg, key) != getattr(defaults, key):
+            raise ConfigError(f"{prefix}.{key}={getattr(cfg, key)} is not used by {prefix}.kind={cfg.kind} (it reads "
+                              f"{', '.join(kind_keys)}); leave it at {getattr(defaults, key)!r}")
 
 
 def _unknown_key(cls: type, name: str, prefix: str) -> ConfigError:

@@ -1,7 +1,7 @@
 """Batched encoding with a model: images -> visual tokens, texts -> Y features or target embeddings.
 
-Training and evaluation share these helpers, so both read images the same way (the readers'
-``load_image`` with ``on_error``) and both reuse the on-disk cache of frozen-tower outputs.
+Training and evaluation share these helpers, so both read images and clips the same way
+(``vljepa.data.transforms.visual_pixels`` with ``on_error``) and both reuse the on-disk cache of frozen-tower outputs.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import torch
 
 from vljepa.data.cache import EmbeddingCache, file_items
 from vljepa.data.formats import SkipReport
-from vljepa.data.readers import load_image
-from vljepa.data.transforms import image_transform
+from vljepa.data.transforms import image_transform, unreadable, visual_pixels
 from vljepa.models.vljepa import VLJepa
 
 
@@ -66,20 +65,19 @@ def pixel_loader(model: VLJepa):
 def load_pixels(
     paths: Sequence[str], model: VLJepa, *, on_error: str, report: SkipReport
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load and preprocess images -> (pixels [N, 3, H, W], ok [N] bool); bad files follow on_error."""
+    """Load and preprocess images or clips -> (pixels [N, 3, H, W], or [N, T, 3, H, W] for a video
+    encoder of T = num_frames frames; ok [N] bool); bad files follow on_error."""
     to_tensor = pixel_loader(model)
     size, frames = model.config.vision.image_size, model.config.vision.num_frames
-    pixels = torch.zeros(len(paths), 3, size, size)
+    pixels = torch.zeros(len(paths), *((frames,) if frames > 1 else ()), 3, size, size)
     ok = torch.zeros(len(paths), dtype=torch.bool)
     for i, p in enumerate(paths):
-        img = load_image(p, on_error)
-        if img is None:
-            report.add("unreadable image", p)
+        x = visual_pixels(p, to_tensor, num_frames=frames, on_error=on_error)
+        if x is None:
+            report.add(unreadable(p), p)
             continue
-        pixels[i] = to_tensor(img)
+        pixels[i] = x
         ok[i] = True
-    if frames > 1:  # a still image shown to a video encoder: the same frame T times
-        pixels = pixels.unsqueeze(1).expand(-1, frames, -1, -1, -1)
     return pixels, ok
 
 
@@ -190,7 +188,7 @@ def cached_image_tokens(
         if hit:
             for p, good in zip(paths, out["ok"].tolist()):
                 if not good:
-                    report.add("unreadable image", p)
+                    report.add(unreadable(p), p)
     return out["tokens"], out["ok"].bool(), hit
 
 

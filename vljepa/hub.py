@@ -3,7 +3,10 @@
 A saved model is a folder: ``config.json`` (``format: vljepa``, the model config), ``model.safetensors``
 (every weight, frozen towers included, so a reload is exact), ``text_encoder/`` (the Y-encoder's
 tokenizer and config), ``vision_encoder/`` / ``predictor/`` where those architectures come from
-outside the config, and a model card ``README.md``.
+outside the config, and a model card ``README.md``. A model with a light text decoder also has
+``decoder/``: ``config.json`` (``format: vljepa.decoder``, the decoder config, the embedding width
+and what else rebuilds it), ``model.safetensors`` (its weights) and, for hf_lm, ``lm/`` (the
+language model's config and tokenizer).
 """
 
 from __future__ import annotations
@@ -15,15 +18,18 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
 
 from vljepa.atomic import atomic_folder
-from vljepa.config import ConfigError, ModelConfig, config_dir, from_dict, to_dict
+from vljepa.config import ConfigError, DecoderConfig, ModelConfig, config_dir, from_dict, to_dict
 
 if TYPE_CHECKING:
     from torch import nn
 
 FORMAT = "vljepa"
 FORMAT_VERSION = 2
+DECODER_FORMAT = "vljepa.decoder"
 EXPECTED = "config.json (format=vljepa), model.safetensors and text_encoder/"
 
 
@@ -32,8 +38,12 @@ def save_model(model: nn.Module, folder: str | Path) -> Path:
     with atomic_folder(folder) as tmp:
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(model.config)}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        # The decoder has a folder of its own, so a model folder loads the same with or without it.
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+                 if not k.startswith("decoder.")}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if getattr(model, "decoder", None) is not None:
+            write_decoder(model.decoder, tmp / "decoder", trained_on=model.decoder_trained_on)
         model.text.save_files(tmp / "text_encoder")
         model.vision.save_files(tmp / "vision_encoder")  # writes only for architectures from a folder / Hub
         model.predictor.save_files(tmp / "predictor")
@@ -51,7 +61,57 @@ def load_model(cls: type, name_or_path: str | Path, *, map_location: str = "cpu"
                 predictor_source=str(parts["predictor"]) if parts["predictor"].is_dir() else None,
                 vision_source=str(parts["vision_encoder"]) if parts["vision_encoder"].is_dir() else None)
     load_weights_into(model, folder, map_location=map_location)
+    if (folder / "decoder").is_dir():
+        model.decoder, model.decoder_trained_on = load_decoder(folder / "decoder", tokenizer=model.text.tokenizer,
+                                                               map_location=map_location)
     return model.eval()
+
+
+def write_decoder(decoder: nn.Module, folder: str | Path, *, trained_on: str = "",
+                  files: dict[str, str] | None = None) -> Path:
+    """Write a light text decoder as a ``decoder/`` folder (see the module doc); atomic.
+
+    ``trained_on`` names the caption split it was trained on (the default nearest-neighbour bank
+    of ``vljepa eval --tasks caption``); ``files`` are more text files to write (name -> text).
+    """
+    with atomic_folder(folder) as tmp:
+        meta = {"format": DECODER_FORMAT, "decoder": to_dict(decoder.cfg), "embed_dim": decoder.embed_dim,
+                "trained_on": trained_on, **decoder.extra_meta()}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        decoder.save_files(tmp)
+        # save_model keeps one copy of tied weights (an LM head tied to its input embeddings).
+        save_safetensors_model(decoder, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(folder)
+
+
+def load_decoder(folder: str | Path, *, tokenizer=None, map_location: str = "cpu") -> tuple[nn.Module, str]:
+    """Rebuild a decoder from a ``decoder/`` folder: ``(decoder in eval mode, the split it was trained on)``.
+
+    ``tokenizer``: the Y-encoder's (what a transformer decoder reads and writes).
+    """
+    from vljepa.models.decoder import build_decoder
+
+    folder = Path(folder)
+    cfg_file = folder / "config.json"
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"'{folder}' is not a decoder folder: cannot read config.json ({exc}); train it again "
+                          "with `vljepa train-decoder`") from exc
+    if not isinstance(meta, dict) or meta.get("format") != DECODER_FORMAT:
+        raise ConfigError(f"'{cfg_file}' lacks format={DECODER_FORMAT}; train the decoder again with "
+                          "`vljepa train-decoder`")
+    cfg = from_dict(DecoderConfig, meta["decoder"], prefix="decoder.")
+    decoder = build_decoder(cfg, embed_dim=meta["embed_dim"], tokenizer=tokenizer, vocab=meta.get("vocab"),
+                            load_weights=False, source=folder)
+    try:
+        load_safetensors_model(decoder, str(folder / "model.safetensors"), strict=True, device=map_location)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ConfigError(f"'{folder}': cannot load the decoder weights ({str(exc).splitlines()[0]}); train the "
+                          "decoder again with `vljepa train-decoder`") from exc
+    return decoder.eval(), meta.get("trained_on", "")
 
 
 def load_weights_into(model: nn.Module, folder: str | Path, *, map_location: str = "cpu",

@@ -37,17 +37,18 @@ def reference_results() -> dict | None:
     return json.loads(REFERENCE.read_text()) if REFERENCE.is_file() else None
 
 
-def _world(root: Path, sizes: dict[str, int], seed: int) -> Path:
-    """Reuse a world written earlier with the same sizes and seed; otherwise generate it."""
+def _world(root: Path, sizes: dict[str, int], seed: int, grounded: bool = False) -> Path:
+    """Reuse a world written earlier with the same sizes, seed and question families; otherwise
+    generate it."""
     meta = root / "world.json"
     if meta.is_file():
         info = json.loads(meta.read_text())
         wanted = {"train": sizes["n_train"], "test": sizes["n_test"], "comp": sizes["n_comp"]}
-        if info.get("seed") == seed and info.get("splits") == wanted:
+        if info.get("seed") == seed and info.get("splits") == wanted and bool(info.get("grounded")) == grounded:
             print(f"[quickstart] reusing the world in {root}", flush=True)
             return root
     print(f"[quickstart] generating the world in {root}", flush=True)
-    generate_world(root, seed=seed, **sizes)
+    generate_world(root, seed=seed, grounded=grounded, **sizes)
     return root
 
 
@@ -92,8 +93,12 @@ def _train_stage(cfg: RunConfig, processes: int) -> Path:
 
 
 def run_quickstart(out: str | Path, *, small: bool = False, overrides: list[str] | None = None, seed: int = 0,
-                   processes: int = 0) -> dict:
+                   processes: int = 0, grounded: bool = False) -> dict:
     """Run the whole quickstart under ``out``; returns (and writes to ``out/metrics.json``) the metrics.
+
+    ``grounded``: the world also asks the grounded question families (position, attribute, nearest /
+    furthest, shared attributes and yes/no relations of named objects); the reference results are
+    for the default world, so none are printed beside them.
 
     ``processes``: training processes per stage (0 = :func:`default_processes`); with more than one,
     each stage runs under ``accelerate launch`` with the same global batch.
@@ -104,7 +109,7 @@ def run_quickstart(out: str | Path, *, small: bool = False, overrides: list[str]
     out = Path(out)
     start = time.time()
     timings: dict[str, float] = {}
-    world = _world(out / "world", SMALL if small else FULL, seed)
+    world = _world(out / "world", SMALL if small else FULL, seed, grounded)
     timings["world"] = time.time() - start
     extra = (SMALL_OVERRIDES if small else []) + list(overrides or [])
     common = [f"data.train={world / 'train'}", f"data.cache_dir={out / 'cache'}", f"train.seed={seed}"]
@@ -120,10 +125,11 @@ def run_quickstart(out: str | Path, *, small: bool = False, overrides: list[str]
     train_split = world / "train"
     # Captions keep retrieval from fading; extra sources of the yes/no and relation questions give the
     # skills the predictor learns last more of the updates.
+    relations = "[relation, relation_yesno]" if grounded else "[relation]"
     mixture = (f"data.sources=[{{path: '{train_split}', task: caption, weight: 1}}, "
                f"{{path: '{train_split}', task: vqa, weight: 2}}, "
                f"{{path: '{train_split}', task: vqa, types: [exist, yesno], weight: 1}}, "
-               f"{{path: '{train_split}', task: vqa, types: [relation], weight: 1}}]")
+               f"{{path: '{train_split}', task: vqa, types: {relations}, weight: 1}}]")
     stage2 = load_config(config_dir() / "train" / "quickstart_stage2.yaml",
                          [c for c in common if not c.startswith("data.train=")]
                          + [mixture, f"train.output_dir={out / 'stage2'}", f"train.init_from={stage1_model}"] + extra)
@@ -144,8 +150,8 @@ def run_quickstart(out: str | Path, *, small: bool = False, overrides: list[str]
     timings["eval"] = time.time() - t
     model_dir = model.save_pretrained(out / "model")
     timings["total"] = time.time() - start
-    reference = None if small else reference_results()
-    metrics = {"results": results, "timings_s": timings, "small": small,
+    reference = None if small or grounded else reference_results()
+    metrics = {"results": results, "timings_s": timings, "small": small, "grounded": grounded,
                "processes": processes,
                "stage1": to_dict(stage1), "stage2": to_dict(stage2)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -312,12 +312,16 @@ def test_bad_records_are_skipped_and_counted(tiny_world, work, run_args, capsys)
 
 
 HELP_OPTIONS = {
-    "quickstart": ["--out", "--small", "--processes"],
-    "world": ["--out", "--seed", "--train", "--test", "--comp", "--image-size", "--captions"],
+    "quickstart": ["--out", "--small", "--grounded", "--processes"],
+    "world": ["--out", "--seed", "--train", "--test", "--comp", "--image-size", "--captions", "--video",
+              "--clip-seconds", "--fps"],
     "train": ["--config", "--resume", "--eval-split", "Overrides are dotted keys"],
     "eval": ["--model", "--split", "--tasks", "--out", "--on-error", "Overrides are dotted keys"],
     "predict": ["--model", "--image", "--question", "--candidates", "--answers", "-k"],
     "summary": ["--config", "Overrides are dotted keys"],
+    "train-decoder": ["--model", "--data", "--config", "Overrides are dotted keys"],
+    "stream": ["--model", "--video", "--bank", "--captions", "--policy", "--rate", "--threshold", "--max-gap",
+               "--stride", "--query", "--out"],
 }
 
 

@@ -10,6 +10,7 @@ import torch
 
 from vljepa.config import (
     ConfigError,
+    DecoderTrainConfig,
     EvalConfig,
     RunConfig,
     config_dir,
@@ -203,11 +204,15 @@ def test_shipped_yaml_configs_all_load():
     # configs users copy (configs/accelerate/ are `accelerate launch --config_file` files, not run configs).
     files = sorted(config_dir().rglob("*.yaml"))
     assert {f.relative_to(config_dir()).as_posix() for f in files} == {
-        "model/quickstart.yaml", "train/quickstart_stage1.yaml", "train/quickstart_stage2.yaml", "train/vqa.yaml"}
+        "model/quickstart.yaml", "model/video.yaml", "train/quickstart_stage1.yaml", "train/quickstart_stage2.yaml",
+        "train/vqa.yaml", "train/video.yaml", "train/decoder.yaml"}
     repo = sorted(f for f in REPO_CONFIGS.rglob("*.yaml") if f.relative_to(REPO_CONFIGS).parts[0] != "accelerate")
     assert {"paper/stage1.yaml", "paper/stage2.yaml"} <= {f.relative_to(REPO_CONFIGS).as_posix() for f in repo}
+    decoder = config_dir() / "train" / "decoder.yaml"  # `vljepa train-decoder`, not a training run
+    assert isinstance(load_config(decoder, cls=DecoderTrainConfig), DecoderTrainConfig)
     for f in files + repo:
-        assert isinstance(load_config(f), RunConfig), f
+        if f != decoder:
+            assert isinstance(load_config(f), RunConfig), f
     stage1 = load_config(config_dir() / "train" / "quickstart_stage1.yaml")
     stage2 = load_config(config_dir() / "train" / "quickstart_stage2.yaml")
     # Both stages inherit the quickstart model through `base:` (stage 2 can start from stage 1's weights);

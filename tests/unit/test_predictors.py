@@ -74,6 +74,21 @@ def test_swiglu_blocks_and_an_unknown_mlp():
         _predictor(mlp="relu")
 
 
+def test_video_tokens_get_each_frames_grid_and_the_frame_index():
+    """Tokens of T frames: the same 2-D grid in every frame, and one time offset per frame."""
+    from vljepa.models.layers import grid_position_encoding, visual_position_encoding
+
+    torch.testing.assert_close(visual_position_encoding(16, 1, 8), grid_position_encoding(16, 8))
+    enc = visual_position_encoding(8, 2, 8)  # 2 frames of 2x2 tokens
+    shift = enc[4:] - enc[:4]
+    torch.testing.assert_close(shift, shift[:1].expand(4, -1))  # the grid repeats, the time term is per frame
+    assert shift.abs().max() > 0.1
+    assert visual_position_encoding(8, 3, 8) is None and visual_position_encoding(12, 2, 8) is None
+    p, q = _predictor(max_visual_tokens=8), _predictor(max_visual_tokens=8, frames=2)
+    v = torch.randn(1, 8, 8)
+    assert (p.embed_visual(v) - q.embed_visual(v)).abs().max() > 0.1  # as one 8-token grid it would not be square
+
+
 def test_text_query_tokens_read_the_given_states():
     """query_tokens=text: the query tokens are a trained linear map of given Y token states."""
     p = _predictor(query_tokens="text", text_hidden_size=12)

@@ -620,3 +620,90 @@ def test_grounded_asks_only_clear_positions_distances_and_relations():
         if f in ("relation_left", "relation_right"):
             assert not ({"red", "circle"} & set(q.split()) and {"green", "square"} & set(q.split())), q
     assert any(f == "relation_above" and "red" in q and "green" in q for f, q, _ in asked)
+
+
+# --- video clips ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    from vljepa.data.world import generate_video_world
+
+    return generate_video_world(tmp_path_factory.mktemp("clips"), seed=5, n_train=20, n_test=4, image_size=64)
+
+
+def test_video_world_is_deterministic_per_seed(tmp_path):
+    from vljepa.data.world import generate_video_world
+
+    one, again, other = (generate_video_world(tmp_path / name, seed=seed, n_train=4, n_test=2, image_size=32)
+                         for name, seed in (("one", 5), ("again", 5), ("other", 6)))
+    files = sorted(p.relative_to(one.root) for p in one.root.rglob("*") if p.is_file())
+    assert len(files) == 1 + 2 * 2 + 6 == len(list(again.root.rglob("*.*")))  # world.json, records, videos
+    for f in files:
+        assert (one.root / f).read_bytes() == (again.root / f).read_bytes(), f
+    assert (one.root / "train/metadata.jsonl").read_bytes() != (other.root / "train/metadata.jsonl").read_bytes()
+
+
+def test_video_world_reads_back_through_the_readers(clips):
+    from vljepa.data.readers import load_visual
+
+    meta = json.loads((clips.root / "world.json").read_text())
+    assert meta["video"] is True and meta["splits"] == {"train": 20, "test": 4}
+    for split, n in meta["splits"].items():
+        captions, skipped = read_split(clips.root / split, "caption")
+        questions, _ = read_split(clips.root / split, "vqa")
+        assert skipped.total == 0 and len(captions) == n == len({q.image for q in questions})
+        assert all(r.clip is not None and (r.clip.start, r.clip.end) == (0.0, 2.0) for r in captions)
+    frames = load_visual(captions[0].image, num_frames=4)
+    assert len(frames) == 4 and all(f.size == (64, 64) for f in frames)
+
+
+def _color_at(frame: Image.Image, obj: dict) -> str:
+    """The palette colour nearest to the pixel at an object's centre."""
+    x, y = min(int(obj["x"] * 64), 63), min(int(obj["y"] * 64), 63)
+    pixel = np.asarray(frame)[y, x].astype(int)
+    return min(scenes.RGB, key=lambda name: np.abs(pixel - np.array(scenes.RGB[name])).sum())
+
+
+def test_video_world_frames_events_and_answers_agree(clips):
+    """The first frame shows ``objects``, the last ``objects_end``; each event lies in the middle half
+    of its clip; captions, counts and "what happened" answers match the event."""
+    from vljepa.data.readers import read_clip
+
+    root = clips.root / "train"
+    questions: dict[str, list[dict]] = {}
+    for q in _lines(root / "questions.jsonl"):
+        questions.setdefault(q["video"], []).append(q)
+    kinds = Counter()
+    for record in _lines(root / "metadata.jsonl"):
+        (event,) = record["events"]
+        kinds[event["kind"]] += 1
+        assert 0.5 <= event["start"] < event["end"] <= 1.5  # inside [D/4, 3D/4] of a 2 s clip
+        frames, times = read_clip(root / record["video"])
+        assert len(frames) == 16 and times[-1] == pytest.approx(15 / 8)
+        for frame, objects in ((frames[0], record["objects"]), (frames[-1], record["objects_end"])):
+            assert [_color_at(frame, o) for o in objects] == [o["color"] for o in objects], record["video"]
+        assert event["text"] == record["captions"][0]
+        asked = {q["type"] + ":" + q["question"]: q["answer"] for q in questions[record["video"]]}
+        n_start, n_end = len(record["objects"]), len(record["objects_end"])
+        assert asked["count_start:how many objects are there at the start?"] == scenes.COUNT_WORDS[n_start]
+        assert asked["count_end:how many objects are there at the end?"] == scenes.COUNT_WORDS[n_end]
+        assert n_end - n_start == {"appear": 1, "disappear": -1}.get(event["kind"], 0)
+        happened = {v for k, v in asked.items() if k.startswith("event:") and v != "nothing"}
+        assert len(happened) == 1 and happened.pop().split()[1].startswith(
+            {"move": "moved", "appear": "appeared", "disappear": "disappeared", "recolor": "changed",
+             "reshape": "changed"}[event["kind"]])
+    assert set(kinds) == {"move", "appear", "disappear", "recolor", "reshape"}
+
+
+def test_cli_video_world(tmp_path, capsys):
+    out = tmp_path / "v"
+    assert cli_main(["world", "--video", "--out", str(out), "--train", "3", "--test", "2", "--image-size", "32",
+                     "--clip-seconds", "1.5", "--fps", "6", "--captions", "2"]) == 0
+    meta = json.loads((out / "world.json").read_text())
+    assert (meta["clip_seconds"], meta["fps"], meta["captions_per_clip"]) == (1.5, 6.0, 2)
+    assert len(list((out / "train/videos").glob("*.mp4"))) == 3
+    assert cli_main(["world", "--video", "--grounded", "--out", str(tmp_path / "g")]) == 2
+    assert "--grounded and --max-objects are for images" in capsys.readouterr().err
+    assert cli_main(["world", "--video", "--out", str(tmp_path / "f"), "--fps", "2", "--clip-seconds", "1"]) == 2
+    assert "a clip needs at least 8 frames" in capsys.readouterr().err

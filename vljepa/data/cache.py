@@ -2,9 +2,10 @@
 
 A frozen encoder gives the same output for the same input every epoch, so it is run once. Each
 entry is a folder named by a key: the SHA-256 of the encoder's identity (kind, weights, input size,
-pooling, ...) and of the items it encoded (image paths with size and modification time, or the
-texts). A different encoder, preprocessing or data gives a different key, so a stale entry is never
-read. Entries are written to a temporary folder and renamed, so a crash leaves no half entry.
+pooling, frames per clip, ...) and of the items it encoded (image paths with size and modification
+time, clips with their window and the stamps of their files, or the texts). A different encoder,
+preprocessing or data gives a different key, so a stale entry is never read. Entries are written
+to a temporary folder and renamed, so a crash leaves no half entry.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vljepa.atomic import atomic_folder
+from vljepa.data.formats import Clip
 
 SHARD_ITEMS = 8192
 
@@ -33,15 +35,31 @@ def cache_key(identity: dict, items: Sequence[str]) -> str:
 
 
 def file_items(paths: Sequence[str]) -> list[str]:
-    """Image paths with their size and modification time, so an edited file changes the key."""
+    """Image paths with their size and modification time, so an edited file changes the key.
+
+    A clip reference (:class:`~vljepa.data.formats.Clip`) keeps its window (``start`` / ``end``)
+    and adds the stamp of every file it reads: the video, each frame of a list or of a folder.
+    """
     out = []
     for p in paths:
-        try:
-            st = os.stat(p)
-            out.append(f"{p}|{st.st_size}|{st.st_mtime_ns}")
-        except OSError:
-            out.append(f"{p}|missing")
+        clip = Clip.parse(p)
+        if clip is None:
+            out.append(f"{p}|{_stamp(p)}")
+            continue
+        files = list(clip.files)
+        if clip.video and os.path.isdir(clip.video):
+            files = [os.path.join(clip.video, f) for f in sorted(os.listdir(clip.video))]
+        out.append("|".join([p, *(f"{f}|{_stamp(f)}" for f in files)]))
     return out
+
+
+def _stamp(path: str) -> str:
+    """``size|mtime_ns`` of a file, or ``missing``."""
+    try:
+        st = os.stat(path)
+        return f"{st.st_size}|{st.st_mtime_ns}"
+    except OSError:
+        return "missing"
 
 
 class EmbeddingCache:

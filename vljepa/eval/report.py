@@ -3,8 +3,8 @@
 Keys of the report (all fractions in [0, 1]):
 
 - ``retrieval``: ``i2t_R@1/5/10``, ``t2i_R@1/5/10``, median / mean ranks, ``n_images``, ``n_texts``.
-  Images are encoded query-free; a retrieved caption counts when its text equals a ground-truth
-  caption of the image.
+  Images (or clips: "image" stands for either throughout) are encoded query-free; a retrieved
+  caption counts when its text equals a ground-truth caption of the image.
 - ``classify``: ``top1``, ``top5``, ``n``, ``per_class_top1`` over images with a ``label``; class
   embeddings average the prompt templates (``eval.templates``).
 - ``vqa``: ``accuracy``, ``n``, ``per_type`` {type: {accuracy, n}}; the answer is the nearest
@@ -12,6 +12,16 @@ Keys of the report (all fractions in [0, 1]):
   ``eval.candidates``) encoded by Y + head. The other accepted spellings (``answers``: "2" next to
   "two") still count as hits but are not candidates: they would only add near-duplicates the
   model was never trained towards.
+- ``caption`` (needs the model's light decoder, ``vljepa train-decoder``): each image's
+  query-free prediction decoded two ways, scored against the image's captions by
+  :func:`vljepa.eval.caption.caption_scores` (``cider`` in pycocoevalcap's units, ``bleu4``,
+  ``rougeL``): ``nearest`` (the nearest caption of a bank: ``eval.caption_bank``, else the
+  captions of the split the decoder was trained on) and ``decoder`` (the light decoder, beam
+  ``eval.num_beams``); ``n``, ``bank_size``, and ``examples`` (the first five images' first reference
+  and both decodings). ``from_target``: the split's distinct captions decoded from their own target
+  embeddings: ``exact`` (equal after :func:`~vljepa.eval.caption.tokenize_caption`), ``facts`` (the
+  same objects with the same size, colour and shape, left to right, and the same vertical relation,
+  in any paraphrase of the built-in world: :func:`~vljepa.eval.caption.caption_facts`), ``n``.
 - ``skipped``: records and images skipped under ``data.on_error=skip``, by reason.
 """
 
@@ -27,12 +37,13 @@ from vljepa.data.formats import DataError, SkipReport
 from vljepa.data.readers import read_split
 from vljepa.decode.nearest import CandidateBank
 from vljepa.embed import embed_texts, encode_images, predict_batched
+from vljepa.eval.caption import caption_facts, caption_scores, tokenize_caption
 from vljepa.eval.classify import class_embeddings, classification_metrics
 from vljepa.eval.retrieval import build_text_index, retrieval_metrics
 from vljepa.eval.vqa import vqa_metrics
 from vljepa.models.vljepa import VLJepa
 
-TASKS = ("retrieval", "classify", "vqa")
+TASKS = ("retrieval", "classify", "vqa", "caption")
 
 
 def _encode_sharded(model: VLJepa, images: list[str], cfg: EvalConfig, on_error: str, report: SkipReport,
@@ -62,10 +73,12 @@ def evaluate(model: VLJepa, split: str | Path, cfg: EvalConfig, *, on_error: str
     unknown = set(cfg.tasks) - set(TASKS)
     if unknown:
         raise ConfigError(f"unknown eval.tasks {sorted(unknown)}; choose from {list(TASKS)}")
+    if "caption" in cfg.tasks:
+        caption_bank_texts(model, cfg)  # fails early: no decoder, or no bank
     model.eval()
     report = SkipReport()
     captions, questions = [], []
-    if "retrieval" in cfg.tasks or "classify" in cfg.tasks:
+    if "retrieval" in cfg.tasks or "classify" in cfg.tasks or "caption" in cfg.tasks:
         captions, skipped = read_split(split, "caption", on_error=on_error)
         report.merge(skipped)
     if "vqa" in cfg.tasks:
@@ -105,6 +118,8 @@ def evaluate(model: VLJepa, split: str | Path, cfg: EvalConfig, *, on_error: str
                                          lambda t: embed_texts(model, t, precision=cfg.precision))
             labels = [classnames.index(captions[i].label) for i in labelled]
             results["classify"] = classification_metrics(preds[labelled], class_emb, labels, classnames=classnames)
+        if "caption" in cfg.tasks:
+            results["caption"] = caption_metrics(model, preds, [list(r.captions) for r in captions], cfg)
     questions = [r for r in questions if r.image in row]
     if questions:
         bank = answer_bank(model, candidate_answers(questions), cfg)
@@ -114,6 +129,58 @@ def evaluate(model: VLJepa, split: str | Path, cfg: EvalConfig, *, on_error: str
         results["vqa"] = vqa_metrics(answers, [r.answers for r in questions], [r.type for r in questions])
     results["skipped"] = report.to_dict()
     return results
+
+
+def caption_bank_texts(model: VLJepa, cfg: EvalConfig) -> list[str]:
+    """The nearest-neighbour caption bank: ``eval.caption_bank`` (a split folder or a text file with one
+    caption a line), else the captions of the split the model's decoder was trained on."""
+    if getattr(model, "decoder", None) is None:
+        raise ConfigError("eval.tasks has caption but this model has no light decoder; train one with "
+                          "`vljepa train-decoder --model DIR --data TRAIN_SPLIT`")
+    source = cfg.caption_bank or model.decoder_trained_on
+    if not source:
+        raise ConfigError("eval.tasks has caption but no caption bank: set eval.caption_bank to the training split "
+                          "folder (or a text file with one caption a line)")
+    path = Path(source)
+    if path.is_file():
+        texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    elif path.is_dir():
+        records, _ = read_split(path, "caption")
+        texts = [c for r in records for c in r.captions]
+    else:
+        what = "eval.caption_bank" if cfg.caption_bank else "the decoder's training split"
+        raise DataError(f"{what} '{path}' does not exist; set eval.caption_bank to a caption split folder or a "
+                        "text file with one caption a line")
+    texts = list(dict.fromkeys(texts))
+    if not texts:
+        raise DataError(f"caption bank '{path}' holds no captions")
+    return texts
+
+
+def caption_metrics(model: VLJepa, preds: torch.Tensor, references: list[list[str]], cfg: EvalConfig) -> dict:
+    """The ``caption`` report (see the module doc) for query-free predictions ``[N, D]`` of N images."""
+    def embed(texts: list[str]) -> torch.Tensor:
+        return embed_texts(model, texts, batch_size=cfg.batch_size, precision=cfg.precision)
+
+    bank = CandidateBank.build(caption_bank_texts(model, cfg), embed, batch_size=cfg.batch_size)
+    nearest = [texts[0] for texts in bank.decode(preds, k=1)]
+    decoded = model.decoder.generate(preds, num_beams=cfg.num_beams, batch_size=cfg.batch_size)
+    held_out = list(dict.fromkeys(c for refs in references for c in refs))
+    from_target = model.decoder.generate(embed(held_out), num_beams=cfg.num_beams, batch_size=cfg.batch_size)
+    n = len(held_out)
+    return {
+        "nearest": caption_scores(references, nearest),
+        "decoder": caption_scores(references, decoded),
+        "n": len(references),
+        "bank_size": len(bank.texts),
+        "from_target": {
+            "exact": sum(tokenize_caption(a) == tokenize_caption(b) for a, b in zip(held_out, from_target)) / n,
+            "facts": sum(caption_facts(a) == caption_facts(b) for a, b in zip(held_out, from_target)) / n,
+            "n": n,
+        },
+        "examples": [{"reference": refs[0], "nearest": a, "decoder": b}
+                     for refs, a, b in zip(references[:5], nearest, decoded)],
+    }
 
 
 def candidate_answers(questions: list) -> list[str]:
@@ -155,6 +222,11 @@ def _headline(report: dict) -> list[tuple[str, str]]:
             rows.append((f"retrieval {d} R@1 / R@5 / R@10", " / ".join(f"{m[f'{d}_R@{k}']:.3f}" for k in (1, 5, 10))))
     if "classify" in report:
         rows.append(("zero-shot top-1 / top-5", f"{report['classify']['top1']:.3f} / {report['classify']['top5']:.3f}"))
+    if "caption" in report:
+        m = report["caption"]
+        rows.append(("caption CIDEr nearest / decoder", f"{m['nearest']['cider']:.3f} / {m['decoder']['cider']:.3f}"))
+        rows.append(("caption from target: exact / facts",
+                     f"{m['from_target']['exact']:.3f} / {m['from_target']['facts']:.3f}  (n={m['from_target']['n']})"))
     if "vqa" in report:
         rows.append(("VQA accuracy", f"{report['vqa']['accuracy']:.3f}  (n={report['vqa']['n']})"))
         for t, v in sorted(report["vqa"]["per_type"].items()):

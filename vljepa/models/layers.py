@@ -90,3 +90,20 @@ def grid_position_encoding(n: int, dim: int) -> torch.Tensor | None:
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
     return torch.cat([encode(xs), encode(ys)], dim=1)
+
+
+@functools.lru_cache(maxsize=16)
+def visual_position_encoding(n: int, frames: int, dim: int) -> torch.Tensor | None:
+    """Fixed positions ``[n, dim]`` of ``frames`` frames' tokens in time order: each frame's 2-D grid
+    (:func:`grid_position_encoding`) plus, for video, a 1-D sine-cosine of the frame index over all
+    features. None when a frame's tokens do not form a square grid."""
+    if n % frames:
+        return None
+    grid = grid_position_encoding(n // frames, dim)
+    if grid is None or frames == 1:
+        return grid
+    half = dim // 2
+    freq = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float32) / half)
+    angles = torch.arange(frames, dtype=torch.float32)[:, None] * freq[None]
+    time = torch.cat([angles.sin(), angles.cos()], dim=1)  # [frames, dim]
+    return grid.repeat(frames, 1) + time.repeat_interleave(n // frames, dim=0)

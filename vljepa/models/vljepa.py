@@ -68,8 +68,12 @@ class VLJepa(nn.Module):
             config.predictor, visual_dim=self.vision.out_dim, num_visual_tokens=self.vision.num_tokens(
                 config.vision.image_size), target_dim=config.embed_dim, text_vocab_size=self.text.vocab_size,
             text_hidden_size=self.text.hidden_size, load_weights=load_weights, source=predictor_source,
-            with_tokenizer=with_tokenizers)
+            with_tokenizer=with_tokenizers, num_frames=1 if self.vision.native_video else config.vision.num_frames)
         self.criterion = VLJepaLoss(config.loss)
+        # A light text decoder (vljepa.models.decoder), set by `vljepa train-decoder` / from_pretrained;
+        # saved in its own folder, so it is not part of model.safetensors.
+        self.decoder: nn.Module | None = None
+        self.decoder_trained_on = ""  # the caption split the decoder was trained on
 
     @property
     def device(self) -> torch.device:
@@ -79,6 +83,8 @@ class VLJepa(nn.Module):
         """Trainable and frozen parameter counts per part."""
         parts = {"vision": self.vision, "predictor": self.predictor, "text": self.text,
                  "target_head": self.target_head, "temperature": self.criterion}
+        if self.decoder is not None:
+            parts["decoder"] = self.decoder
         return {name: {"trainable": sum(p.numel() for p in part.parameters() if p.requires_grad),
                        "frozen": sum(p.numel() for p in part.parameters() if not p.requires_grad)}
                 for name, part in parts.items()}

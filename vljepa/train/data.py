@@ -21,7 +21,8 @@ from vljepa.config import ConfigError, RunConfig, SourceConfig
 from vljepa.data.cache import EmbeddingCache
 from vljepa.data.collate import Collator, ExampleIndex, Examples, TextTable
 from vljepa.data.formats import DataError, SkipReport
-from vljepa.data.readers import load_image, read_source
+from vljepa.data.readers import load_visual, read_source
+from vljepa.data.transforms import unreadable, visual_pixels
 from vljepa.embed import cached_image_tokens, cached_text_features, pixel_loader
 from vljepa.models.vljepa import VLJepa
 
@@ -71,7 +72,7 @@ def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator)
     with accelerator.main_process_first():  # sources in containers are unpacked once, by the main process
         per_source = read_training_records(cfg, report)
 
-    # 1. Dedupe: one table of distinct images, one of distinct target texts.
+    # 1. Dedupe: one table of distinct images (and clips, by their Clip.ref), one of distinct target texts.
     images: dict[str, int] = {}
     texts: dict[str, int] = {}
     chunks: list[list[str]] = []  # texts first seen in each source, cached chunk by chunk
@@ -100,7 +101,7 @@ def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator)
             visual_tokens, ok, hits["images"] = cached_image_tokens(
                 model, image_list, cache, on_error=cfg.data.on_error, report=report, precision=precision)
     else:
-        ok = _check_images(image_list, cfg.data.on_error, report)
+        ok = _check_images(image_list, model.config.vision.num_frames, cfg.data.on_error, report)
     keep = [i for i, (img, _, _) in enumerate(raw) if ok[img]]
     for i in sorted(set(range(len(raw))) - set(keep)):
         report.add("record of an unreadable image", image_list[raw[i][0]])
@@ -151,9 +152,9 @@ def build_training_data(model: VLJepa, cfg: RunConfig, accelerator: Accelerator)
     if visual_tokens is not None:
         collator = Collator(examples, table, visual_tokens=visual_tokens, query_table=query_table, seed=cfg.train.seed)
     else:
-        to_tensor = pixel_loader(model)
+        to_tensor, frames = pixel_loader(model), model.config.vision.num_frames
         collator = Collator(examples, table, query_table=query_table, seed=cfg.train.seed,
-                            load_pixels=lambda j: to_tensor(load_image(image_list[j], "stop")))
+                            load_pixels=lambda j: visual_pixels(image_list[j], to_tensor, num_frames=frames))
     return TrainingData(examples, collator, image_list, text_list, report, hits, encode_seconds, mixture)
 
 
@@ -170,11 +171,12 @@ def _concat_text_features(parts: list[dict[str, torch.Tensor]]) -> dict[str, tor
     return out
 
 
-def _check_images(paths: list[str], on_error: str, report: SkipReport) -> torch.Tensor:
+def _check_images(paths: list[str], num_frames: int, on_error: str, report: SkipReport) -> torch.Tensor:
+    """Which images and clips can be read (the frames a clip gives to ``num_frames`` frames)."""
     ok = torch.zeros(len(paths), dtype=torch.bool)
     for i, p in enumerate(paths):
-        if load_image(p, on_error) is None:
-            report.add("unreadable image", p)
+        if load_visual(p, num_frames=num_frames, on_error=on_error) is None:
+            report.add(unreadable(p), p)
         else:
             ok[i] = True
     return ok

@@ -1,8 +1,9 @@
 """Readers: the one path every dataset goes through.
 
 A split folder (format in :mod:`vljepa.data.formats`) is read into a list of records with
-:func:`read_split`; images are opened with :func:`load_image`. Both take ``on_error``:
-``"stop"`` raises :class:`DataError` at the first bad record, ``"skip"`` leaves it out and
+:func:`read_split`; images are opened with :func:`load_image`, and a record's image or clip
+with :func:`load_visual` (videos, frames folders and frame lists: :mod:`~vljepa.data.readers.video`).
+They take ``on_error``: ``"stop"`` raises :class:`DataError` at the first bad record, ``"skip"`` leaves it out and
 counts it in a :class:`SkipReport`, so nothing is dropped without a trace.
 
 :func:`read_source` reads one configured source (:class:`vljepa.config.SourceConfig`) of any
@@ -35,8 +36,19 @@ from vljepa.data.formats import CaptionRecord, DataError, SkipReport, VQARecord
 from vljepa.data.readers import coco, hf, imagefolder, vqa, webdataset
 from vljepa.data.readers.common import OnError, Problems, check_on_error, check_task, load_image, load_json
 from vljepa.data.readers.imagefolder import METADATA_FILE, QUESTIONS_FILE, read_split
+from vljepa.data.readers.video import (
+    VideoInfo,
+    iter_frames,
+    load_clip,
+    load_visual,
+    read_clip,
+    read_frame_list,
+    video_info,
+    write_video,
+)
 
-__all__ = ["detect_format", "load_image", "read_source", "read_split", "READERS"]
+__all__ = ["detect_format", "iter_frames", "load_clip", "load_image", "load_visual", "read_clip", "read_frame_list",
+           "read_source", "read_split", "READERS", "VideoInfo", "video_info", "write_video"]
 
 # ``reader(source, problem, parsed=..., work_dir=...) -> records``; ``parsed`` is the JSON that
 # format detection already read, or None.

@@ -20,10 +20,16 @@ never appear in ``train`` or ``test``; every ``comp`` image contains at least on
 
 Every random draw for image ``i`` of a split comes from its own stream, seeded by
 ``(seed, split, i)``, so a split does not change when the size of another one does.
+
+Video (:mod:`~vljepa.data.world.video`, ``vljepa world --video``): ``train`` and ``test`` folders
+of short clips in which one object moves, appears, disappears or changes colour or shape, with
+captions, timestamped events and questions about what happened.
 """
 
 from vljepa.data.world.captions import MAX_CAPTIONS
 from vljepa.data.world.scenes import COLORS, MAX_OBJECTS, SHAPES, SIZE_WORDS, SIZES
+from vljepa.data.world.video import MAX_VIDEO_CAPTIONS, generate_video_world
 from vljepa.data.world.write import WorldInfo, generate_world
 
-__all__ = ["COLORS", "MAX_CAPTIONS", "MAX_OBJECTS", "SHAPES", "SIZES", "SIZE_WORDS", "WorldInfo", "generate_world"]
+__all__ = ["COLORS", "MAX_CAPTIONS", "MAX_OBJECTS", "MAX_VIDEO_CAPTIONS", "SHAPES", "SIZES", "SIZE_WORDS", "WorldInfo",
+           "generate_video_world", "generate_world"]

@@ -31,8 +31,9 @@ class Predictor(nn.Module):
     def from_config(cls, cfg: PredictorConfig, *, visual_dim: int, num_visual_tokens: int, target_dim: int,
                     text_vocab_size: int,
                     text_hidden_size: int | None, load_weights: bool = True, source: str | None = None,
-                    with_tokenizer: bool = True) -> Predictor:
-        """Build from ``model.predictor``; ``source`` is a saved model's ``predictor/`` folder."""
+                    with_tokenizer: bool = True, num_frames: int = 1) -> Predictor:
+        """Build from ``model.predictor``; ``source`` is a saved model's ``predictor/`` folder;
+        ``num_frames``: the visual tokens are that many frames' tokens, in time order."""
         raise NotImplementedError
 
     def forward(self, visual_tokens: torch.Tensor, query_ids: torch.Tensor | None = None,

@@ -87,7 +87,7 @@ class HFLMPredictor(Predictor):
     def from_config(cls, cfg: PredictorConfig, *, visual_dim: int, num_visual_tokens: int, target_dim: int,
                     text_vocab_size: int,
                     text_hidden_size: int | None, load_weights: bool = True, source: str | None = None,
-                    with_tokenizer: bool = True) -> HFLMPredictor:
+                    with_tokenizer: bool = True, num_frames: int = 1) -> HFLMPredictor:
         """Queries use the LM's own tokenizer and embeddings; ``source`` is a saved model's ``predictor/``
         folder, which holds the config of the kept layers only."""
         if source is None and not cfg.path:

@@ -1,8 +1,8 @@
 """The built-in predictor: a bidirectional transformer over ``[visual tokens ; query tokens]``.
 
-Visual tokens enter through a linear map with learned and fixed 2-D grid positions; query tokens
-are either learned embeddings of the Y tokenizer's vocabulary or the frozen Y-encoder's token
-states of the query through a linear map. Attention has no causal mask. The masked mean of the
+Visual tokens enter through a linear map with learned and fixed positions (the 2-D grid of each
+frame, plus the frame index for video); query tokens are either learned embeddings of the Y
+tokenizer's vocabulary or the frozen Y-encoder's token states of the query through a linear map. Attention has no causal mask. The masked mean of the
 output tokens, through a linear head, is the predicted answer embedding.
 """
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vljepa.config import ConfigError, PredictorConfig
-from vljepa.models.layers import Block, grid_position_encoding, masked_mean
+from vljepa.models.layers import Block, masked_mean, visual_position_encoding
 from vljepa.models.predictors.base import Predictor
 
 
@@ -27,7 +27,7 @@ class TransformerPredictor(Predictor):
     def __init__(self, *, visual_dim: int, dim: int, depth: int, heads: int, target_dim: int, vocab_size: int,
                  mlp_ratio: float = 4.0, dropout: float = 0.0, max_query_len: int = 32,
                  max_visual_tokens: int = 256, mlp: str = "gelu", pool: str = "all", query_tokens: str = "learned",
-                 text_hidden_size: int | None = None) -> None:
+                 text_hidden_size: int | None = None, frames: int = 1) -> None:
         super().__init__()
         if pool not in ("all", "query"):
             raise ConfigError(f"unknown model.predictor.pool '{pool}'; use all or query")
@@ -36,7 +36,7 @@ class TransformerPredictor(Predictor):
         if query_tokens == "text" and not text_hidden_size:
             raise ConfigError("model.predictor.query_tokens=text reads the Y-encoder's token states, which this "
                               "text tower does not expose; use model.predictor.query_tokens=learned")
-        self.pool, self.query_tokens = pool, query_tokens
+        self.pool, self.query_tokens, self.frames = pool, query_tokens, frames
         self.reads_query_states = query_tokens == "text"
         self.max_query_len, self.max_visual_tokens = max_query_len, max_visual_tokens
         self.visual_in = nn.Sequential(nn.LayerNorm(visual_dim), nn.Linear(visual_dim, dim))
@@ -63,7 +63,7 @@ class TransformerPredictor(Predictor):
     def from_config(cls, cfg: PredictorConfig, *, visual_dim: int, num_visual_tokens: int, target_dim: int,
                     text_vocab_size: int,
                     text_hidden_size: int | None, load_weights: bool = True, source: str | None = None,
-                    with_tokenizer: bool = True) -> TransformerPredictor:
+                    with_tokenizer: bool = True, num_frames: int = 1) -> TransformerPredictor:
         """Trained from scratch: nothing pretrained to load, no tokenizer of its own."""
         if num_visual_tokens > cfg.max_visual_tokens:
             raise ConfigError(f"the X-encoder gives {num_visual_tokens} tokens per sample; set "
@@ -71,7 +71,8 @@ class TransformerPredictor(Predictor):
         return cls(visual_dim=visual_dim, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, target_dim=target_dim,
                    vocab_size=text_vocab_size, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout,
                    max_query_len=cfg.max_query_len, max_visual_tokens=cfg.max_visual_tokens, mlp=cfg.mlp,
-                   pool=cfg.pool, query_tokens=cfg.query_tokens, text_hidden_size=text_hidden_size)
+                   pool=cfg.pool, query_tokens=cfg.query_tokens, text_hidden_size=text_hidden_size,
+                   frames=num_frames)
 
     def forward(self, visual_tokens: torch.Tensor, query_ids: torch.Tensor | None = None,
                 query_mask: torch.Tensor | None = None, query_states: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,13 +88,14 @@ class TransformerPredictor(Predictor):
         return self.head(masked_mean(self.norm(x), self.readout_mask(mask, n)))  # [B, target_dim]
 
     def embed_visual(self, visual_tokens: torch.Tensor) -> torch.Tensor:
-        """Visual tokens ``[B, N, Dv]`` -> ``[B, N, dim]`` with learned and fixed 2-D grid positions."""
+        """Visual tokens ``[B, N, Dv]`` -> ``[B, N, dim]`` with learned positions and fixed ones: the 2-D grid
+        of each frame, plus the frame's index for video."""
         n = visual_tokens.shape[1]
         if n > self.max_visual_tokens:
             raise ConfigError(f"{n} visual tokens exceed model.predictor.max_visual_tokens={self.max_visual_tokens}")
         x = self.visual_in(visual_tokens) + self.visual_pos[:, :n] + self.type_embed[0]
-        grid = grid_position_encoding(n, x.shape[-1])
-        return x if grid is None else x + grid.to(device=x.device, dtype=x.dtype)
+        fixed = visual_position_encoding(n, self.frames, x.shape[-1])
+        return x if fixed is None else x + fixed.to(device=x.device, dtype=x.dtype)
 
     def embed_query(self, query_ids: torch.Tensor, query_states: torch.Tensor | None) -> torch.Tensor:
         """Query ids ``[B, L]`` (and Y's token states ``[B, L, H]`` for ``query_tokens=text``) -> ``[B, L, dim]``."""
