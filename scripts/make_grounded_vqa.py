@@ -143,8 +143,9 @@ def attribute_questions(rng: np.random.Generator, objects: list[dict]) -> list[t
     return out
 
 
-def relation_questions(rng: np.random.Generator, objects: list[dict]) -> list[tuple[str, str, str]]:
-    """Distinct yes/no relations between two objects clearly apart on the relation's axis."""
+def relation_questions(rng: np.random.Generator, objects: list[dict], n: int = RELATIONS_PER_IMAGE
+                       ) -> list[tuple[str, str, str]]:
+    """Up to ``n`` distinct yes/no relations between two objects clearly apart on the relation's axis."""
     clear = []
     for a in objects:
         for b in objects:
@@ -152,7 +153,7 @@ def relation_questions(rng: np.random.Generator, objects: list[dict]) -> list[tu
                 if a is not b and abs(a[axis] - b[axis]) >= RELATION_MARGIN:
                     clear.append((a, b, before if a[axis] < b[axis] else after, after if a[axis] < b[axis] else before))
     out: list[tuple[str, str, str]] = []
-    for _ in range(RELATIONS_PER_IMAGE):
+    for _ in range(n):
         if not clear:
             break
         a, b, truth, other = clear.pop(int(rng.integers(len(clear))))
@@ -163,7 +164,8 @@ def relation_questions(rng: np.random.Generator, objects: list[dict]) -> list[tu
     return out
 
 
-def write_split(out: Path, split_key: int, n: int, *, seed: int, image_size: int) -> int:
+def write_split(out: Path, split_key: int, n: int, *, seed: int, image_size: int,
+                relations: int = RELATIONS_PER_IMAGE) -> int:
     """Write ``n`` images and their questions under ``out``; returns the number of questions."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     count = 0
@@ -173,7 +175,7 @@ def write_split(out: Path, split_key: int, n: int, *, seed: int, image_size: int
             objects = sample_objects(rng)
             file_name = f"images/{i:05d}.png"
             render(rng, objects, image_size).save(out / file_name)
-            qs = position_questions(rng, objects) + attribute_questions(rng, objects) + relation_questions(rng, objects)
+            qs = position_questions(rng, objects) + attribute_questions(rng, objects) + relation_questions(rng, objects, relations)
             for qtype, question, answer in qs:
                 record = {"file_name": file_name, "question": question, "answer": answer, "answers": [answer],
                           "type": qtype, "objects": objects}
@@ -190,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=500, help="test images (default 500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=96, help="image side in pixels, at least 32 (default 96)")
+    p.add_argument("--relations", type=int, default=RELATIONS_PER_IMAGE,
+                   help=f"relation questions per training image, at most (default {RELATIONS_PER_IMAGE}; "
+                        f"test images always get {RELATIONS_PER_IMAGE})")
     return p
 
 
@@ -199,10 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--train", args.train), ("--test", args.test)):
         if value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
+    if args.relations < 0:
+        parser.error(f"--relations must be at least 0, got {args.relations}")
     if args.image_size < 32:
         parser.error(f"--image-size must be at least 32, got {args.image_size}")
     for key, (split, n) in enumerate(zip(SPLITS, (args.train, args.test))):
-        questions = write_split(Path(args.out) / split, key, n, seed=args.seed, image_size=args.image_size)
+        questions = write_split(Path(args.out) / split, key, n, seed=args.seed, image_size=args.image_size,
+                                relations=args.relations if split == "train" else RELATIONS_PER_IMAGE)
         print(f"{split}: {n} images, {questions} questions in {Path(args.out) / split}")
     return 0
 

@@ -147,3 +147,15 @@ def test_rejects_bad_arguments(make, tmp_path, capsys, args, message):
         make.main(["--out", str(tmp_path), *args])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_relations_per_training_image(make, dataset, tmp_path):
+    """--relations sets the training split's relation questions per image; the test split keeps the
+    default, and everything before the relations is the same as the default set's."""
+    assert make.main(["--out", str(tmp_path), "--train", "150", "--test", "30", "--seed", "3", "--relations", "6"]) == 0
+    many, default = _records(tmp_path, "train"), _records(dataset, "train")
+    per_image = lambda rows: {r["file_name"]: sum(q["file_name"] == r["file_name"] and q["type"] == "relation"  # noqa: E731
+                                                  for q in rows) for r in rows}
+    assert max(per_image(many).values()) > 2 >= max(per_image(default).values())
+    assert [r for r in many if r["type"] != "relation"] == [r for r in default if r["type"] != "relation"]
+    assert _records(tmp_path, "test") == _records(dataset, "test")
