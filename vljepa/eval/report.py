@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from vljepa.config import ConfigError, EvalConfig
 from vljepa.data.formats import DataError, SkipReport
 from vljepa.data.readers import read_split
+from vljepa.data.transforms import unreadable
 from vljepa.decode.nearest import CandidateBank
 from vljepa.embed import embed_texts, encode_images, predict_batched
 from vljepa.eval.caption import caption_facts, caption_scores, tokenize_caption
@@ -60,7 +61,7 @@ def _encode_sharded(model: VLJepa, images: list[str], cfg: EvalConfig, on_error:
     ok = torch.cat([p[2] for p in parts]).cpu()[order.argsort()].bool()
     for path, good in zip(images, ok.tolist()):
         if not good:
-            report.add("unreadable image", path)
+            report.add(unreadable(path), path)
     return tokens, ok
 
 
@@ -73,8 +74,8 @@ def evaluate(model: VLJepa, split: str | Path, cfg: EvalConfig, *, on_error: str
     unknown = set(cfg.tasks) - set(TASKS)
     if unknown:
         raise ConfigError(f"unknown eval.tasks {sorted(unknown)}; choose from {list(TASKS)}")
-    if "caption" in cfg.tasks:
-        caption_bank_texts(model, cfg)  # fails early: no decoder, or no bank
+    # Read before any encoding, so that a missing decoder or bank fails at once.
+    bank_texts = caption_bank_texts(model, cfg) if "caption" in cfg.tasks else []
     model.eval()
     report = SkipReport()
     captions, questions = [], []
@@ -119,7 +120,7 @@ def evaluate(model: VLJepa, split: str | Path, cfg: EvalConfig, *, on_error: str
             labels = [classnames.index(captions[i].label) for i in labelled]
             results["classify"] = classification_metrics(preds[labelled], class_emb, labels, classnames=classnames)
         if "caption" in cfg.tasks:
-            results["caption"] = caption_metrics(model, preds, [list(r.captions) for r in captions], cfg)
+            results["caption"] = caption_metrics(model, preds, [list(r.captions) for r in captions], bank_texts, cfg)
     questions = [r for r in questions if r.image in row]
     if questions:
         bank = answer_bank(model, candidate_answers(questions), cfg)
@@ -157,12 +158,14 @@ def caption_bank_texts(model: VLJepa, cfg: EvalConfig) -> list[str]:
     return texts
 
 
-def caption_metrics(model: VLJepa, preds: torch.Tensor, references: list[list[str]], cfg: EvalConfig) -> dict:
-    """The ``caption`` report (see the module doc) for query-free predictions ``[N, D]`` of N images."""
+def caption_metrics(model: VLJepa, preds: torch.Tensor, references: list[list[str]], bank_texts: list[str],
+                    cfg: EvalConfig) -> dict:
+    """The ``caption`` report (see the module doc) for query-free predictions ``[N, D]`` of N images, with
+    ``bank_texts`` (:func:`caption_bank_texts`) as the nearest-neighbour bank."""
     def embed(texts: list[str]) -> torch.Tensor:
         return embed_texts(model, texts, batch_size=cfg.batch_size, precision=cfg.precision)
 
-    bank = CandidateBank.build(caption_bank_texts(model, cfg), embed, batch_size=cfg.batch_size)
+    bank = CandidateBank.build(bank_texts, embed, batch_size=cfg.batch_size)
     nearest = [texts[0] for texts in bank.decode(preds, k=1)]
     decoded = model.decoder.generate(preds, num_beams=cfg.num_beams, batch_size=cfg.batch_size)
     held_out = list(dict.fromkeys(c for refs in references for c in refs))

@@ -92,6 +92,11 @@ def stored(objects: list[SceneObject]) -> list[SceneObject]:
     return [replace(o, x=round(o.x, COORD_DIGITS), y=round(o.y, COORD_DIGITS)) for o in objects]
 
 
+def object_record(o: SceneObject) -> dict:
+    """One object as a record's ``objects`` list holds it (pass it through :func:`stored` first)."""
+    return {"color": o.color, "shape": o.shape, "size": o.size, "x": o.x, "y": o.y}
+
+
 def _place(
     samplers: list[Callable[[], tuple[float, float]]], radii: list[float], gap: float
 ) -> list[tuple[float, float]] | None:

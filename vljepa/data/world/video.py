@@ -39,6 +39,7 @@ from vljepa.data.world.scenes import (
     THIRDS_MAX_OBJECTS,
     SceneObject,
     draw,
+    object_record,
     pick,
     rng_for,
     sample_scene,
@@ -202,8 +203,7 @@ def clip_questions(rng: np.random.Generator, plan: dict) -> list[tuple[str, str,
 
 
 def _objects(objects: list[SceneObject]) -> list[dict]:
-    return [{"color": o.color, "shape": o.shape, "size": o.size, "x": o.x, "y": o.y}
-            for o in stored(sorted(objects, key=lambda o: o.x))]
+    return [object_record(o) for o in stored(sorted(objects, key=lambda o: o.x))]
 
 
 def _write_split(split_dir: Path, split_key: int, n: int, *, seed: int, image_size: int, clip_seconds: float,

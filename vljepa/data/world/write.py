@@ -20,6 +20,7 @@ from vljepa.data.world.scenes import (
     Pair,
     choose_held_out,
     draw,
+    object_record,
     rng_for,
     sample_scene,
     stored,
@@ -68,7 +69,7 @@ def _write_split(
             record = {
                 "file_name": file_name,
                 "captions": captions(objects, captions_per_image),
-                "objects": [{"color": o.color, "shape": o.shape, "size": o.size, "x": o.x, "y": o.y} for o in kept],
+                "objects": [object_record(o) for o in kept],
             }
             if len(objects) == 1:
                 record["label"] = objects[0].name
